@@ -1,0 +1,62 @@
+"""The linear layer every architecture uses, dense or int4-packed, chosen by its weight.
+
+A `Linear` is built empty and filled by `load_weight`: a GGML Q4_0 / Q4_1 / Q4_K weight is
+repacked for torch's int4 kernel and stays 4-bit in memory; anything else (safetensors, F16,
+Q8_0, K-quants without an int4 mapping) is decoded once to a dense tensor of the compute dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ladle.engine.quant.ggml import GGMLTensor
+from ladle.engine.quant.int4 import Int4Weight, can_pack_int4, pack_int4
+
+
+class Linear(nn.Module):
+    """`y = x W^T + b` with W dense or int4-packed; the forward is one kernel call either way."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight: torch.Tensor | None = None
+        self.int4: Int4Weight | None = None
+        self.bias: torch.Tensor | None = None
+        self.has_bias = bias
+
+    def load_weight(
+        self,
+        weight: torch.Tensor | GGMLTensor,
+        dtype: torch.dtype,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        """Take ownership of `weight` ([out_features, in_features]) in its fastest form."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            name = weight.name if isinstance(weight, GGMLTensor) else "weight"
+            raise ValueError(
+                f"{name}: shape {tuple(weight.shape)} != "
+                f"{(self.out_features, self.in_features)}"
+            )
+        if isinstance(weight, GGMLTensor) and can_pack_int4(weight):
+            self.int4 = pack_int4(weight)
+            self.weight = None
+        else:
+            dense = weight.dequantize(dtype) if isinstance(weight, GGMLTensor) else weight
+            self.weight = nn.Parameter(dense.to(dtype).contiguous(), requires_grad=False)
+            self.int4 = None
+        if bias is not None:
+            self.bias = nn.Parameter(bias.to(dtype).contiguous(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int4 is not None:
+            y = self.int4.matmul(x)
+            return y if self.bias is None else y + self.bias
+        assert self.weight is not None, "Linear used before load_weight"
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        kind = "int4" if self.int4 is not None else "dense"
+        return f"in={self.in_features}, out={self.out_features}, {kind}, bias={self.has_bias}"

@@ -1,0 +1,53 @@
+"""Every error ladle raises on purpose, in one tree.
+
+    LadleError
+    ├── ModelLoadError              a model file or folder cannot be read (names the file)
+    │   ├── UnsupportedArchitectureError   the weights are a family ladle does not run
+    │   └── UnsupportedTensorTypeError     a tensor is stored in a type ladle cannot decode
+    ├── InvalidRequestError         a request field is out of range or malformed (names the field)
+    │   └── ContextLengthError          the prompt does not fit in the model's context
+    └── EngineClosedError           the model was shut down while a request waited on it
+
+Input is checked where it enters (request models, builders, file readers) and raises one of
+these; the HTTP service maps this tree onto OpenAI error bodies in a single place.
+"""
+
+from __future__ import annotations
+
+
+class LadleError(Exception):
+    """Base class of every error ladle raises on purpose."""
+
+
+class ModelLoadError(LadleError):
+    """A model file or folder cannot be loaded; the message names the file."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class UnsupportedArchitectureError(ModelLoadError):
+    """The weights belong to an architecture family ladle does not implement."""
+
+
+class UnsupportedTensorTypeError(ModelLoadError):
+    """A tensor is stored in a quantization type ladle cannot decode."""
+
+
+class InvalidRequestError(LadleError):
+    """A request is malformed; `param` names the offending field, as OpenAI's errors do."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        self.message = message
+        self.param = param
+        super().__init__(f"{param}: {message}" if param else message)
+
+
+class ContextLengthError(InvalidRequestError):
+    """The prompt (plus the tokens asked for) does not fit in the model's context window."""
+
+
+class EngineClosedError(LadleError):
+    """The model's engine stopped before the request finished."""
