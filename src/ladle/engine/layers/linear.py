@@ -2,7 +2,8 @@
 
 A `Linear` is built empty and filled by `load_weight`: a GGML Q4_0 / Q4_1 / Q4_K weight is
 repacked for torch's int4 kernel and stays 4-bit in memory; anything else (safetensors, F16,
-Q8_0, K-quants without an int4 mapping) is decoded once to a dense tensor of the compute dtype.
+Q8_0, K-quants without an int4 mapping, 4-bit weights whose out_features torch's packer
+rejects) is decoded once to a dense tensor of the compute dtype.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import nn
 
 from ladle.engine.quant.ggml import GGMLTensor
 from ladle.engine.quant.int4 import Int4Weight, can_pack_int4, pack_int4
+from ladle.errors import ModelLoadError
 
 
 class Linear(nn.Module):
@@ -36,9 +38,10 @@ class Linear(nn.Module):
         """Take ownership of `weight` ([out_features, in_features]) in its fastest form."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             name = weight.name if isinstance(weight, GGMLTensor) else "weight"
-            raise ValueError(
-                f"{name}: shape {tuple(weight.shape)} != "
-                f"{(self.out_features, self.in_features)}"
+            raise ModelLoadError(
+                name,
+                f"shape {tuple(weight.shape)} does not match the layer's "
+                f"{(self.out_features, self.in_features)}",
             )
         if isinstance(weight, GGMLTensor) and can_pack_int4(weight):
             self.int4 = pack_int4(weight)

@@ -1,20 +1,37 @@
 """Read a GGUF file: its metadata as plain Python values and its tensors as `GGMLTensor`s.
 
-Tensors stay memory-mapped views into the file until a layer decodes or repacks them, so
-loading a model never holds two full copies of the weights.
+The header is parsed here rather than with `gguf.GGUFReader`, which builds a numpy view per
+vocabulary string and takes seconds on a 49k-token vocabulary (measured 4-8 s vs 0.1 s for
+SmolLM2). Tensors stay memory-mapped views into the file until a layer decodes or repacks
+them, so loading a model never holds two full copies of the weights.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ladle.engine.quant.ggml import GGMLTensor
-from ladle.errors import ModelLoadError
+from ladle.errors import ModelLoadError, UnsupportedTensorTypeError
+
+_SCALARS = {
+    GGUFValueType.UINT8: "<B",
+    GGUFValueType.INT8: "<b",
+    GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I",
+    GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f",
+    GGUFValueType.BOOL: "<?",
+    GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q",
+    GGUFValueType.FLOAT64: "<d",
+}
 
 
 @dataclass
@@ -39,37 +56,74 @@ def read_gguf(path: str | Path) -> GGUFFile:
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(path, "no such file")
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ModelLoadError(path, "not a GGUF file (bad magic bytes)")
     try:
-        reader = GGUFReader(path, "r")
-    except (ValueError, OSError, IndexError, KeyError) as e:
-        raise ModelLoadError(path, f"corrupt or truncated GGUF file ({e})") from e
-    metadata = {name: _field_value(f) for name, f in reader.fields.items()}
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelLoadError(path, "not a GGUF file (bad magic bytes)")
+            version, num_tensors, num_kv = struct.unpack("<IQQ", _read(f, 20))
+            if version not in (2, 3):
+                raise ModelLoadError(path, f"unsupported GGUF version {version}")
+            metadata = {}
+            for _ in range(num_kv):
+                key = _string(f)
+                metadata[key] = _value(f, GGUFValueType(_u32(f)))
+            infos = [_tensor_info(f) for _ in range(num_tensors)]
+            alignment = int(metadata.get("general.alignment", 32))
+            data_start = -(-f.tell() // alignment) * alignment
+    except (struct.error, ValueError, EOFError, UnicodeDecodeError) as e:
+        raise ModelLoadError(path, f"corrupt or truncated GGUF header ({e})") from e
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
     tensors = {}
-    for t in reader.tensors:
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        ggml_type = GGMLQuantizationType(int(t.tensor_type))
-        data = np.asarray(t.data)
-        if data.dtype != np.uint8:
-            data = data.view(np.uint8)
-        tensors[t.name] = GGMLTensor(t.name, ggml_type, data.reshape(shape[0], -1), shape)
+    for name, shape, ggml_type, offset in infos:
+        block, type_size = GGML_QUANT_SIZES[ggml_type]
+        row_bytes = shape[0] // block * type_size
+        rows = int(np.prod(shape[1:]))
+        start = data_start + offset
+        if start + rows * row_bytes > len(mm):
+            raise ModelLoadError(path, f"truncated file: tensor {name} runs past the end")
+        data = mm[start : start + rows * row_bytes].reshape(rows, row_bytes)
+        try:
+            tensors[name] = GGMLTensor(name, ggml_type, data, tuple(reversed(shape)))
+        except UnsupportedTensorTypeError as e:
+            raise UnsupportedTensorTypeError(path, f"tensor {name}: {e.reason}") from e
     return GGUFFile(path, metadata, tensors)
 
 
-def _field_value(f: Any) -> Any:
-    types = f.types
-    if not types:
-        return None
-    if types[0] == GGUFValueType.ARRAY:
-        item_type = types[1] if len(types) > 1 else None
-        if item_type == GGUFValueType.STRING:
-            return [bytes(f.parts[i]).decode("utf-8", errors="replace") for i in f.data]
-        values = [f.parts[i] for i in f.data]
-        return np.concatenate(values).tolist() if values else []
-    if types[0] == GGUFValueType.STRING:
-        return bytes(f.parts[f.data[0]]).decode("utf-8", errors="replace")
-    value = f.parts[f.data[0]]
-    return value.tolist()[0]
+def _read(f: BinaryIO, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise EOFError("unexpected end of file")
+    return data
+
+
+def _u32(f: BinaryIO) -> int:
+    return int(struct.unpack("<I", _read(f, 4))[0])
+
+
+def _u64(f: BinaryIO) -> int:
+    return int(struct.unpack("<Q", _read(f, 8))[0])
+
+
+def _string(f: BinaryIO) -> str:
+    return _read(f, _u64(f)).decode("utf-8", errors="replace")
+
+
+def _value(f: BinaryIO, vtype: GGUFValueType) -> Any:
+    if vtype == GGUFValueType.STRING:
+        return _string(f)
+    if vtype == GGUFValueType.ARRAY:
+        item_type, count = GGUFValueType(_u32(f)), _u64(f)
+        if item_type in _SCALARS:
+            dtype = np.dtype(_SCALARS[item_type])
+            return np.frombuffer(_read(f, count * dtype.itemsize), dtype=dtype).tolist()
+        return [_value(f, item_type) for _ in range(count)]
+    fmt = _SCALARS[vtype]
+    return struct.unpack(fmt, _read(f, struct.calcsize(fmt)))[0]
+
+
+def _tensor_info(f: BinaryIO) -> tuple[str, tuple[int, ...], GGMLQuantizationType, int]:
+    name = _string(f)
+    n_dims = _u32(f)
+    shape = tuple(_u64(f) for _ in range(n_dims))  # GGML order: innermost dimension first
+    ggml_type = GGMLQuantizationType(_u32(f))
+    return name, shape, ggml_type, _u64(f)

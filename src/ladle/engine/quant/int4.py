@@ -3,15 +3,21 @@
 torch's `_weight_int4pack_mm_for_cpu` computes `w = (q - 8) * scale + zero` per group of 32
 input channels, with `scales_and_zeros` shaped `[in_features / 32, out_features, 2]`. GGML's
 4-bit formats are exactly such groups:
-    Q4_0: w = d * (q - 8)             -> scale = d, zero = 0
-    Q4_1: w = d * q + m               -> scale = d, zero = m + 8 d
-A block stores its 32 nibbles as 16 low nibbles (values 0..15) then 16 high ones (16..31).
-The kernel is fast only with bf16 activations (measured: 28 µs vs 780 µs in fp32 for
-1536x576), so inputs are cast to bf16 and the result cast back.
+    Q4_0: w = d * (q - 8)             -> scale = d,      zero = 0
+    Q4_1: w = d * q + m               -> scale = d,      zero = m + 8 d
+    Q4_K: w = d * sc * q - dmin * m   -> scale = d * sc, zero = 8 d sc - dmin m
+(Q4_K: super-blocks of 256 = 8 groups of 32, with 6-bit sc and m per group.)
+All three store nibbles "all low, then all high": a Q4_0 / Q4_1 block's 16 bytes hold values
+0..15 in their low nibbles and 16..31 in their high ones; each 32 bytes of a Q4_K super-block
+hold 64 values, group 2j in the low nibbles and group 2j + 1 in the high ones.
+Scales and zeros are rounded to bf16 (the kernel's format), and the kernel is fast only with
+bf16 activations (measured: 28 µs vs 780 µs in fp32 for 1536x576), so inputs are cast to
+bf16 and the result cast back: outputs differ from fp32 by ~3e-3 relative.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +27,10 @@ from gguf import GGMLQuantizationType
 from ladle.engine.quant.ggml import GGMLTensor
 
 GROUP_SIZE = 32
-_PACKABLE = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+_OUT_MULTIPLE = 16  # torch's CPU packer rejects out_features not divisible by 16
+
+# (q [n, k] uint8 in 0..15, scale [n, k / 32] fp32, zero [n, k / 32] fp32)
+Affine4 = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 @dataclass(slots=True)
@@ -39,25 +48,71 @@ class Int4Weight:
 
 
 def can_pack_int4(weight: GGMLTensor) -> bool:
-    return weight.ggml_type in _PACKABLE and len(weight.shape) == 2
+    return (
+        weight.ggml_type in _UNPACKERS
+        and len(weight.shape) == 2
+        and weight.shape[0] % _OUT_MULTIPLE == 0
+    )
+
+
+def unpack_int4(weight: GGMLTensor) -> Affine4:
+    """The exact group-32 form `w = (q - 8) * scale + zero` of a Q4_0 / Q4_1 / Q4_K weight."""
+    n, k = weight.shape
+    return _UNPACKERS[weight.ggml_type](weight.data.reshape(n, -1), n, k)
 
 
 def pack_int4(weight: GGMLTensor) -> Int4Weight:
-    """Repack a Q4_0 / Q4_1 weight's nibbles and block constants for the int4 kernel."""
-    n, k = weight.shape
-    blocks = weight.data.reshape(n, k // GROUP_SIZE, -1)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [n, k/32]
-    if weight.ggml_type == GGMLQuantizationType.Q4_0:
-        zero = np.zeros_like(d)
-        qs = blocks[..., 2:18]
-    else:
-        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-        zero = m + 8.0 * d
-        qs = blocks[..., 4:20]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, k)  # [n, k] values 0..15
+    """Repack a Q4_0 / Q4_1 / Q4_K weight's nibbles and block constants for the int4 kernel."""
+    q, scale, zero = unpack_int4(weight)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
         torch.from_numpy(q.astype(np.int32)), 1
     )
-    sz = np.stack([d, zero], axis=-1).transpose(1, 0, 2)  # [k/32, n, 2]
+    sz = np.stack([scale, zero], axis=-1).transpose(1, 0, 2)  # [k/32, n, 2]
     scales_and_zeros = torch.from_numpy(np.ascontiguousarray(sz)).to(torch.bfloat16)
     return Int4Weight(packed, scales_and_zeros)
+
+
+def _unpack_q4_0(rows: np.ndarray, n: int, k: int) -> Affine4:
+    blocks = rows.reshape(n, k // 32, 18)
+    d = _f16(blocks[..., 0:2])
+    return _nibbles(blocks[..., 2:18]).reshape(n, k), d, np.zeros_like(d)
+
+
+def _unpack_q4_1(rows: np.ndarray, n: int, k: int) -> Affine4:
+    blocks = rows.reshape(n, k // 32, 20)
+    d, m = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
+    return _nibbles(blocks[..., 4:20]).reshape(n, k), d, m + 8.0 * d
+
+
+def _unpack_q4_k(rows: np.ndarray, n: int, k: int) -> Affine4:
+    blocks = rows.reshape(n, k // 256, 144)
+    d = _f16(blocks[..., 0:2])[..., None]  # [n, k/256, 1]
+    dmin = _f16(blocks[..., 2:4])[..., None]
+    sc, m = _scale_min_k4(blocks[..., 4:16])  # [n, k/256, 8]
+    scale = (d * sc).reshape(n, -1)
+    zero = 8.0 * scale - (dmin * m).reshape(n, -1)
+    qs = blocks[..., 16:144].reshape(n, k // 64, 32)
+    return _nibbles(qs).reshape(n, k), scale, zero
+
+
+def _scale_min_k4(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's `get_scale_min_k4` for all 8 groups: 12 bytes -> 6-bit scales and mins."""
+    lo, hi, mix = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    sc = np.concatenate([lo & 0x3F, (mix & 0x0F) | ((lo >> 6) << 4)], axis=-1)
+    m = np.concatenate([hi & 0x3F, (mix >> 4) | ((hi >> 6) << 4)], axis=-1)
+    return sc.astype(np.float32), m.astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # all low nibbles, then all high
+
+
+def _f16(pair: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(pair).view(np.float16)[..., 0].astype(np.float32)
+
+
+_UNPACKERS: dict[GGMLQuantizationType, Callable[[np.ndarray, int, int], Affine4]] = {
+    GGMLQuantizationType.Q4_0: _unpack_q4_0,
+    GGMLQuantizationType.Q4_1: _unpack_q4_1,
+    GGMLQuantizationType.Q4_K: _unpack_q4_k,
+}

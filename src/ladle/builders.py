@@ -1,0 +1,136 @@
+"""Model builders with mistral.rs's names: `TextModelBuilder` and `GgufModelBuilder`.
+
+A builder collects options with chained `with_*` calls and loads on `build()` (blocking,
+returns `Model`) or `await build_async()` (loads on a worker thread, returns `AsyncModel`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Self
+
+import torch
+
+from ladle.engine.loader import load_model
+from ladle.errors import InvalidRequestError, ModelLoadError
+from ladle.model import AsyncModel, Model, ModelCore
+
+_DTYPES = {
+    "auto": torch.float32,
+    "f32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "f16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+class _Builder:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.dtype: torch.dtype = torch.float32
+        self.device = "cpu"
+        self.max_num_seqs = 16
+        self.max_seq_len: int | None = None
+        self.model_id: str | None = None
+        self.chat_template: str | None = None
+        self.tokenizer_path: str | None = None
+        self.num_threads: int | None = None
+
+    def with_dtype(self, dtype: str | torch.dtype) -> Self:
+        """Compute dtype: "auto" (float32 on CPU), "f32", "bf16" or "f16"."""
+        if isinstance(dtype, torch.dtype):
+            self.dtype = dtype
+        elif dtype in _DTYPES:
+            self.dtype = _DTYPES[dtype]
+        else:
+            raise InvalidRequestError(f"unknown dtype {dtype!r} ({', '.join(_DTYPES)})", "dtype")
+        return self
+
+    def with_device(self, device: str) -> Self:
+        if device != "cpu":
+            raise InvalidRequestError(
+                f"device {device!r} is not supported yet (use 'cpu')", "device"
+            )
+        self.device = device
+        return self
+
+    def with_max_num_seqs(self, max_num_seqs: int) -> Self:
+        if max_num_seqs < 1:
+            raise InvalidRequestError("must be >= 1", "max_num_seqs")
+        self.max_num_seqs = max_num_seqs
+        return self
+
+    def with_max_seq_len(self, max_seq_len: int) -> Self:
+        """Cap the context below the model's own (saves KV memory)."""
+        if max_seq_len < 2:
+            raise InvalidRequestError("must be >= 2", "max_seq_len")
+        self.max_seq_len = max_seq_len
+        return self
+
+    def with_model_id(self, model_id: str) -> Self:
+        """The name responses carry in their `model` field (default: the file or folder name)."""
+        self.model_id = model_id
+        return self
+
+    def with_chat_template(self, template: str) -> Self:
+        """Override the chat template: Jinja text, a `.jinja` file or a tokenizer_config.json."""
+        self.chat_template = template
+        return self
+
+    def with_tokenizer_json(self, folder: str) -> Self:
+        """Use the tokenizer in this folder instead of the model's own."""
+        self.tokenizer_path = folder
+        return self
+
+    def with_num_threads(self, num_threads: int) -> Self:
+        self.num_threads = num_threads
+        return self
+
+    def with_logging(self) -> Self:
+        logging.basicConfig(level=logging.INFO)
+        return self
+
+    def _core(self) -> ModelCore:
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
+        loaded = load_model(
+            self.path,
+            dtype=self.dtype,
+            chat_template=self.chat_template,
+            tokenizer_path=self.tokenizer_path,
+        )
+        model_id = self.model_id or self.path.name
+        return ModelCore(loaded, model_id, self.max_num_seqs, self.max_seq_len)
+
+    def build(self) -> Model:
+        """Load the model and start its engine."""
+        return Model(self._core())
+
+    async def build_async(self) -> AsyncModel:
+        """Load the model on a worker thread and return its asyncio interface."""
+        return AsyncModel(await asyncio.to_thread(self._core))
+
+
+class TextModelBuilder(_Builder):
+    """Build a text model from a local path: a Hugging Face safetensors folder or a GGUF file."""
+
+    def __init__(self, model_id_or_path: str | os.PathLike[str]) -> None:
+        super().__init__(Path(model_id_or_path).expanduser())
+
+
+class GgufModelBuilder(_Builder):
+    """Build a text model from GGUF: a folder and the file(s) in it, or a file path."""
+
+    def __init__(
+        self, path_or_dir: str | os.PathLike[str], files: str | list[str] | None = None
+    ) -> None:
+        base = Path(path_or_dir).expanduser()
+        names = [files] if isinstance(files, str) else list(files or [])
+        if len(names) > 1:
+            raise ModelLoadError(base, "split GGUF files (several parts) are not supported yet")
+        super().__init__(base / names[0] if names else base)

@@ -1,0 +1,126 @@
+"""The `ladle` command line. Only this module prints; everything else returns or logs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from ladle.builders import TextModelBuilder
+from ladle.catalog import DEFAULT_CHAT_MODEL, resolve
+from ladle.errors import LadleError
+from ladle.model import Model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args))
+    except LadleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ladle", description="Run local AI models.")
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="chat with a model, or complete one prompt")
+    run.add_argument(
+        "model",
+        nargs="?",
+        default=DEFAULT_CHAT_MODEL,
+        help=f"a GGUF file, a model folder, or a model name (default: {DEFAULT_CHAT_MODEL})",
+    )
+    run.add_argument("prompt", nargs="?", help="answer this prompt and exit (else chat)")
+    run.add_argument("--temperature", type=float, default=0.7)
+    run.add_argument("--top-p", type=float, default=None)
+    run.add_argument("--max-tokens", type=int, default=None)
+    run.add_argument("--seed", type=int, default=None)
+    run.add_argument("--system", default=None, help="system prompt")
+    run.add_argument("--raw", action="store_true", help="complete the prompt, no chat template")
+    run.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    run.set_defaults(func=_run)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    path = resolve(args.model)
+    started = time.perf_counter()
+    builder = TextModelBuilder(path)
+    if args.threads:
+        builder.with_num_threads(args.threads)
+    model = builder.build()
+    if sys.stderr.isatty():
+        print(f"loaded {path.name} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    with model:
+        sampling: dict[str, Any] = {
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "max_tokens": args.max_tokens,
+            "seed": args.seed,
+        }
+        if args.prompt is None and sys.stdin.isatty():
+            return _interactive(model, args.system, sampling)
+        prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+        if args.raw:
+            stream: Iterator[str] = (
+                c.choices[0].text
+                for c in model.stream_completion_request({"prompt": prompt, **sampling})
+            )
+        else:
+            messages = _with_system(args.system, [{"role": "user", "content": prompt}])
+            stream = _chat_text(model, messages, sampling)
+        for text in stream:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    return 0
+
+
+def _interactive(model: Model, system: str | None, sampling: dict[str, Any]) -> int:
+    print("Chatting with the model. Ctrl-D or /exit to quit, /clear to forget.", file=sys.stderr)
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/clear":
+            history.clear()
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        reply = ""
+        for text in _chat_text(model, _with_system(system, history), sampling):
+            reply += text
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": reply})
+
+
+def _with_system(system: str | None, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    return ([{"role": "system", "content": system}] if system else []) + messages
+
+
+def _chat_text(
+    model: Model, messages: list[dict[str, str]], sampling: dict[str, Any]
+) -> Iterator[str]:
+    request = {"messages": messages, **sampling}
+    for chunk in model.stream_chat_request(request):
+        for choice in chunk.choices:
+            if choice.delta.content:
+                yield choice.delta.content

@@ -1,0 +1,39 @@
+"""RMSNorm, in the two flavours checkpoints use: `w * x̂` (Llama) and `(1 + w) * x̂` (Gemma)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dimension, normalized in float32.
+
+    With `unit_offset=False` (Llama, Qwen, Phi-3) the normalized input is cast back to the
+    compute dtype, then scaled by `w`; with `unit_offset=True` (Gemma) it is scaled by `1 + w`
+    in float32 and then cast, matching each family's transformers rounding in bfloat16.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, unit_offset: bool = False) -> None:
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+        self.unit_offset = unit_offset
+        self.weight: torch.Tensor | None = None
+
+    def load_weight(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
+        if tuple(weight.shape) != (self.dim,):
+            raise ValueError(f"shape {tuple(weight.shape)} != {(self.dim,)}")
+        # Gemma's scale 1 + w is formed once, in float32, as transformers forms it per call.
+        w = weight.float() + 1.0 if self.unit_offset else weight.to(dtype)
+        self.weight = nn.Parameter(w.contiguous(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 or self.unit_offset:
+            y = F.rms_norm(x.float(), (self.dim,), self.weight, self.eps)
+            return y.to(x.dtype)
+        return F.rms_norm(x.float(), (self.dim,), None, self.eps).to(x.dtype) * self.weight
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, unit_offset={self.unit_offset}"

@@ -1,0 +1,110 @@
+"""One generated choice: its tokens, its KV cache, its sampler, and how it ends."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from ladle.engine.kv_cache import KVCache
+from ladle.engine.loading.tokenizer import IncrementalDecoder, Tokenizer
+from ladle.engine.sampling import Sampler, SamplingParams, top_logprobs
+from ladle.engine.stop_strings import StopStringMatcher
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    """What a sequence emits for each generated token (text may be empty while held back)."""
+
+    index: int  # choice index within its request
+    token_id: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+class Sink(Protocol):
+    """Where a request's events go: a thread queue, or an asyncio queue fed thread-safely."""
+
+    def put(self, event: TokenEvent) -> None: ...
+
+    def fail(self, error: BaseException) -> None: ...
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    def __init__(
+        self,
+        index: int,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        max_tokens: int,
+        tokenizer: Tokenizer,
+        stop_token_ids: set[int],
+        sink: Sink,
+        continues_prompt: bool = False,
+    ) -> None:
+        self.seq_id = next(_ids)
+        self.index = index
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.max_tokens = max_tokens
+        self.output_ids: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.cache: KVCache | None = None
+        self.sink = sink
+        seed = None if params.seed is None else params.seed + index
+        self.sampler = Sampler(params, prompt_ids, seed)
+        self.stop_token_ids = stop_token_ids
+        # a completion continues its prompt's text ("is" + " Paris"); a chat reply starts fresh
+        context = prompt_ids if continues_prompt else ()
+        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True, prompt_ids=context)
+        self.stop_matcher = StopStringMatcher(params.stop)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def last_token_id(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    def append_from_logits(self, logits: torch.Tensor) -> None:
+        """Sample the next token from a `[vocab]` row, update state and emit its event."""
+        token_id = self.sampler.sample(self.sampler.process(logits))
+        self.sampler.record(token_id)
+        self.output_ids.append(token_id)
+        event = TokenEvent(self.index, token_id, "")
+        if self.params.logprobs:
+            event.logprob, event.top_logprobs = top_logprobs(
+                logits, token_id, self.params.top_logprobs
+            )
+        if token_id in self.stop_token_ids and not self.params.ignore_eos:
+            event.text = self.stop_matcher.push(self.decoder.flush()) + self.stop_matcher.flush()
+            self._finish(event, "stop")
+        else:
+            event.text = self.stop_matcher.push(self.decoder.push(token_id))
+            if self.stop_matcher.stopped:
+                self._finish(event, "stop")
+            elif len(self.output_ids) >= self.max_tokens:
+                tail = self.stop_matcher.push(self.decoder.flush())
+                event.text += tail + self.stop_matcher.flush()
+                self._finish(event, "stop" if self.stop_matcher.stopped else "length")
+        self.sink.put(event)
+
+    def _finish(self, event: TokenEvent, reason: str) -> None:
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = event.finish_reason = reason

@@ -1,0 +1,96 @@
+"""Linear gives `x W^T + b` whether W is dense, dequantized or int4-packed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import quantize
+
+from ladle.engine.layers.linear import Linear
+from ladle.engine.loading.gguf import read_gguf
+from ladle.engine.quant.ggml import GGMLTensor
+from ladle.errors import ModelLoadError
+
+T = GGMLQuantizationType
+
+# int4 outputs differ from fp32 by the bf16 rounding of the activations and of each group's
+# scale and zero (2^-9 relative each): ~3e-3 in practice, so 1e-2 leaves room but catches any
+# layout mistake (a swapped nibble or group gives errors of order 1).
+INT4_RTOL = 1e-2
+
+
+def random_q4(ggml_type: T, rows: int, cols: int, seed: int = 0) -> GGMLTensor:
+    """Random nibbles and 6-bit scales; f16 d (and m / dmin) finite and modest."""
+    rng = np.random.default_rng(seed)
+    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+    blocks = rng.integers(0, 256, (rows, cols // block_size, type_size), dtype=np.uint8)
+    for offset in (0,) if ggml_type == T.Q4_0 else (0, 2):
+        scale = rng.uniform(1e-3, 2e-2, blocks.shape[:2]) * rng.choice([-1, 1], blocks.shape[:2])
+        blocks[..., offset : offset + 2] = scale.astype(np.float16)[..., None].view(np.uint8)
+    return GGMLTensor("w", ggml_type, blocks.reshape(rows, -1), (rows, cols))
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("ggml_type", [T.Q4_0, T.Q4_1, T.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("x_shape", [(1,), (7,), (2, 3)], ids=str)
+def test_int4_matches_dequantized_reference(ggml_type: T, x_shape: tuple[int, ...]) -> None:
+    n, k = 96, 256 * 3
+    w = random_q4(ggml_type, n, k)
+    bias = torch.randn(n)
+    layer = Linear(k, n, bias=True)
+    layer.load_weight(w, torch.float32, bias)
+    assert layer.int4 is not None and layer.weight is None
+    x = torch.randn(*x_shape, k)
+    y = layer(x)
+    assert y.shape == (*x_shape, n) and y.dtype == torch.float32
+    ref = x @ w.dequantize().T + bias
+    assert relative_error(y, ref) < INT4_RTOL
+
+
+def test_int4_falls_back_to_dense_when_rows_are_not_in_sixteens() -> None:
+    w = random_q4(T.Q4_1, 40, 256)
+    layer = Linear(256, 40)
+    layer.load_weight(w, torch.float32)
+    assert layer.int4 is None and "dense" in repr(layer)
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(layer(x), x @ w.dequantize().T)
+
+
+def test_other_ggml_types_are_dequantized_once() -> None:
+    values = np.random.default_rng(0).standard_normal((48, 64), dtype=np.float32)
+    w = GGMLTensor("w", T.Q8_0, quantize(values, T.Q8_0), (48, 64))
+    layer = Linear(64, 48)
+    layer.load_weight(w, torch.bfloat16)
+    assert layer.int4 is None and layer.weight.dtype == torch.bfloat16
+    assert torch.equal(layer.weight, w.dequantize(torch.bfloat16))
+
+
+def test_dense_weight_with_bias_is_f_linear() -> None:
+    weight, bias, x = torch.randn(24, 32), torch.randn(24), torch.randn(2, 5, 32)
+    layer = Linear(32, 24, bias=True)
+    layer.load_weight(weight, torch.float32, bias)
+    assert torch.equal(layer(x), F.linear(x, weight, bias))
+
+
+def test_wrong_shape_names_the_tensor() -> None:
+    w = random_q4(T.Q4_0, 32, 256)
+    w.name = "blk.0.ffn_up.weight"
+    with pytest.raises(ModelLoadError, match=r"blk\.0\.ffn_up\.weight: shape \(32, 256\)"):
+        Linear(256, 64).load_weight(w, torch.float32)
+
+
+@pytest.mark.real_model
+def test_smollm2_q4_1_gate_matches_dense(smollm2_path) -> None:
+    gate = read_gguf(smollm2_path).tensors["blk.0.ffn_gate.weight"]
+    assert gate.ggml_type == T.Q4_1 and gate.shape == (1536, 576)
+    layer = Linear(576, 1536)
+    layer.load_weight(gate, torch.float32)
+    assert layer.int4 is not None
+    x = torch.randn(5, 576, generator=torch.Generator().manual_seed(0))
+    assert relative_error(layer(x), x @ gate.dequantize().T) < INT4_RTOL

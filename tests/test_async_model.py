@@ -1,0 +1,63 @@
+"""AsyncModel mirrors Model: same answers, async streams, concurrent requests."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from ladle import AsyncModel, InvalidRequestError, TextModelBuilder
+
+QUESTION = [{"role": "user", "content": "Name a fruit."}]
+REQUEST = {"messages": QUESTION, "temperature": 0, "max_tokens": 12}
+
+
+async def _with_model(path: Path) -> tuple[AsyncModel, list[str]]:
+    model = await TextModelBuilder(path).build_async()
+    async with model:
+        single = (await model.send_chat_request(REQUEST)).choices[0].message.content or ""
+        streamed = "".join(
+            [
+                c.choices[0].delta.content or ""
+                async for c in model.stream_chat_request(REQUEST)
+                if c.choices
+            ]
+        )
+        concurrent = await asyncio.gather(*(model.send_chat_request(REQUEST) for _ in range(3)))
+        texts = [r.choices[0].message.content or "" for r in concurrent]
+        completion = await model.send_completion_request(
+            {"prompt": "One, two,", "max_tokens": 4, "temperature": 0}
+        )
+        ids = await model.tokenize("One, two,")
+        assert await model.detokenize(ids) == "One, two,"
+        assert (await model.config()).architecture == "llama"
+        for bad in ({"max_tokens": -3}, {"temperature": 9}):
+            with pytest.raises(InvalidRequestError):
+                await model.send_chat_request({**REQUEST, **bad})
+        return model, [single, streamed, *texts, completion.choices[0].text]
+
+
+def test_async_model_matches_itself_and_the_sync_model(smollm2_path: Path) -> None:
+    _, texts = asyncio.run(_with_model(smollm2_path))
+    single, streamed, *concurrent, completion = texts
+    assert single and streamed == single
+    assert concurrent == [single] * 3
+    with TextModelBuilder(smollm2_path).build() as sync_model:
+        assert sync_model.send_chat_request(REQUEST).choices[0].message.content == single
+        sync_completion = sync_model.send_completion_request(
+            {"prompt": "One, two,", "max_tokens": 4, "temperature": 0}
+        )
+        assert sync_completion.choices[0].text == completion
+
+
+def test_async_stream_can_be_abandoned(smollm2_path: Path) -> None:
+    async def run() -> str:
+        async with await TextModelBuilder(smollm2_path).build_async() as model:
+            stream = model.stream_chat_request({"messages": QUESTION, "max_tokens": 300})
+            async for _ in stream:
+                break
+            await stream.aclose()
+            return await model.chat("Say yes.")
+
+    assert asyncio.run(asyncio.wait_for(run(), timeout=120))
