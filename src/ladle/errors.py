@@ -6,6 +6,9 @@
     │   └── UnsupportedTensorTypeError     a tensor is stored in a type ladle cannot decode
     ├── InvalidRequestError         a request field is out of range or malformed (names the field)
     │   └── ContextLengthError          the prompt does not fit in the model's context
+    ├── ModelNotFoundError          no catalog entry, cached model or file has that name
+    ├── DownloadError               fetching a model failed (names the model and the source)
+    ├── ServiceError                the local service cannot be reached, started or stopped
     └── EngineClosedError           the model was shut down while a request waited on it
 
 Input is checked where it enters (request models, builders, file readers) and raises one of
@@ -47,6 +50,26 @@ class InvalidRequestError(LadleError):
 
 class ContextLengthError(InvalidRequestError):
     """The prompt (plus the tokens asked for) does not fit in the model's context window."""
+
+
+class ModelNotFoundError(LadleError):
+    """No catalog entry, cached model or local file answers to `name`."""
+
+    def __init__(self, name: str, detail: str = "") -> None:
+        self.name = name
+        super().__init__(f"model {name!r} not found" + (f": {detail}" if detail else ""))
+
+
+class DownloadError(LadleError):
+    """A download failed; the message names the model and the source it came from."""
+
+    def __init__(self, model: str, source: str, reason: str) -> None:
+        self.model, self.source, self.reason = model, source, reason
+        super().__init__(f"downloading {model} from {source} failed: {reason}")
+
+
+class ServiceError(LadleError):
+    """The local model service cannot be reached, started or stopped."""
 
 
 class EngineClosedError(LadleError):

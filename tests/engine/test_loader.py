@@ -69,3 +69,58 @@ def test_folder_with_broken_config(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match=r"config\.json"):
         TextModelBuilder(tmp_path).build()
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Path:
+    """A tiny random llama saved by transformers, with SmolLM2's tokenizer and template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder, max_shard_size="1MB")
+    return folder
+
+
+def test_safetensors_folder_end_to_end(tiny_folder: Path) -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    assert (tiny_folder / "model.safetensors.index.json").is_file()
+    reference = LlamaForCausalLM.from_pretrained(tiny_folder).eval()
+    with TextModelBuilder(tiny_folder).build() as model:
+        info = model.config()
+        assert (info.architecture, info.file_format, info.max_seq_len) == (
+            "llama", "safetensors", 256,
+        )  # fmt: skip
+        messages = [{"role": "user", "content": "Hi there"}]
+        logits, prompt_ids = model.send_raw_chat_request(messages)
+        with torch.no_grad():
+            expected = reference(torch.tensor([prompt_ids])).logits[0, -1]
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+        reply = model.send_chat_request({"messages": messages, "max_tokens": 5, "temperature": 0})
+        assert reply.usage.completion_tokens <= 5
+
+
+def test_missing_tensor_names_folder_and_tensor(tmp_path: Path, tiny_folder: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_folder, folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = folder / index["weight_map"]["model.layers.1.mlp.down_proj.weight"]
+    tensors = load_file(shard)
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"broken.*model\.layers\.1\.mlp\.down_proj"):
+        TextModelBuilder(folder).build()

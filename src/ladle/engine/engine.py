@@ -22,7 +22,7 @@ from ladle.engine.loading.tokenizer import Tokenizer
 from ladle.engine.models.base import CausalLM
 from ladle.engine.sampling import SamplingParams
 from ladle.engine.sequence import Sequence, SequenceStatus, Sink
-from ladle.errors import ContextLengthError, EngineClosedError, LadleError
+from ladle.errors import ContextLengthError, EngineClosedError
 
 logger = logging.getLogger(__name__)
 
@@ -172,10 +172,14 @@ class LLMEngine:
         self._fail_all(EngineClosedError("the model was closed before the request finished"))
 
     def _guarded(self, seqs: list[Sequence], step: Callable[[], Any]) -> None:
-        """Run a step; a failure ends only the sequences it touched, with the error."""
+        """Run a step; a failure ends only the sequences it touched, with the error.
+
+        Any exception is caught here because the engine thread must outlive a bad request:
+        it is logged and handed to the request's caller, never swallowed.
+        """
         try:
             step()
-        except (LadleError, RuntimeError, ValueError, IndexError) as e:
+        except Exception as e:
             logger.exception("request failed")
             for s in seqs:
                 s.status = SequenceStatus.FINISHED

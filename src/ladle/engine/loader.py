@@ -8,7 +8,7 @@ through the file named by the caller.
 from __future__ import annotations
 
 import json
-import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +19,8 @@ from ladle.engine.loading.gguf import read_gguf
 from ladle.engine.loading.tokenizer import Tokenizer
 from ladle.engine.loading.weights import gguf_weights, safetensors_weights
 from ladle.engine.models import ARCHITECTURES
-from ladle.engine.models.base import CausalLM
+from ladle.engine.models.base import CausalLM, Weight
 from ladle.errors import ModelLoadError, UnsupportedArchitectureError
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,11 +66,23 @@ def _build(config: ModelConfig, path: Path) -> CausalLM:
     return cls(config)
 
 
+def _load_weights(
+    model: CausalLM, weights: Iterable[tuple[str, Weight]], dtype: torch.dtype, path: Path
+) -> None:
+    """Load, naming the model's file in errors that only knew the tensor."""
+    try:
+        model.load_weights(weights, dtype)
+    except ModelLoadError as e:
+        if e.path.startswith(str(path)):
+            raise
+        raise type(e)(path, f"{e.path}: {e.reason}") from e
+
+
 def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
     gguf = read_gguf(path)
     config = ModelConfig.from_gguf(gguf)
     model = _build(config, path)
-    model.load_weights(gguf_weights(gguf, config), dtype)
+    _load_weights(model, gguf_weights(gguf, config), dtype, path)
     tokenizer = Tokenizer.from_gguf(gguf.metadata, path)
     return LoadedModel(model.eval(), tokenizer, config, path, dtype, "gguf")
 
@@ -90,7 +100,7 @@ def _load_folder(path: Path, dtype: torch.dtype) -> LoadedModel:
         raise ModelLoadError(config_file, f"invalid JSON ({e})") from e
     config = ModelConfig.from_hf(raw, config_file)
     model = _build(config, path)
-    model.load_weights(safetensors_weights(path), dtype)
+    _load_weights(model, safetensors_weights(path), dtype, path)
     tokenizer = Tokenizer.from_folder(path)
     return LoadedModel(model.eval(), tokenizer, config, path, dtype, "safetensors")
 

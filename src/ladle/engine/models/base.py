@@ -18,6 +18,7 @@ from torch import nn
 
 from ladle.engine.kv_cache import KVCache
 from ladle.engine.layers.embedding import tie_lm_head
+from ladle.engine.layers.linear import Linear
 from ladle.engine.loading.config import ModelConfig
 from ladle.engine.quant.ggml import GGMLTensor
 from ladle.errors import ModelLoadError
@@ -36,6 +37,8 @@ class CausalLM(nn.Module):
     """
 
     config: ModelConfig
+    model: nn.Module  # embeddings, decoder layers and `norm`; returns hidden states
+    lm_head: Linear
     # checkpoint module -> (fused module, index of its rows in the fused weight)
     packed_modules_mapping: ClassVar[dict[str, tuple[str, int]]] = {}
 
@@ -46,7 +49,12 @@ class CausalLM(nn.Module):
         cache: KVCache,
         logits_indices: torch.Tensor | None = None,  # rows of T to compute logits for
     ) -> torch.Tensor:  # [len(logits_indices) or T, vocab_size] float32
-        raise NotImplementedError
+        hidden = self.model(input_ids, positions, cache)
+        if logits_indices is not None:
+            hidden = hidden[logits_indices]  # the head is the costliest matmul: skip unused rows
+        logits = self.lm_head(self.model.norm(hidden)).float()
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def new_cache(self, dtype: torch.dtype, capacity: int = 256) -> KVCache:
         c = self.config

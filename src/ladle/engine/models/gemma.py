@@ -138,20 +138,6 @@ class GemmaForCausalLM(CausalLM):
         self.model = GemmaModel(config, self.variant)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        cache: KVCache,
-        logits_indices: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        hidden = self.model(input_ids, positions, cache)
-        if logits_indices is not None:
-            hidden = hidden[logits_indices]
-        logits = self.lm_head(self.model.norm(hidden)).float()
-        cap = self.config.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap) * cap
-
 
 class Gemma2ForCausalLM(GemmaForCausalLM):
     variant = GemmaVariant(sandwich_norms=True, attn_softcap=True)

@@ -145,15 +145,3 @@ class LlamaForCausalLM(CausalLM):
     def attention_biases(config: ModelConfig) -> tuple[bool, bool]:
         """Whether (qkv_proj, o_proj) carry a bias."""
         return config.attention_bias, config.attention_bias
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        cache: KVCache,
-        logits_indices: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        hidden = self.model(input_ids, positions, cache)
-        if logits_indices is not None:
-            hidden = hidden[logits_indices]
-        return self.lm_head(self.model.norm(hidden)).float()
