@@ -16,7 +16,8 @@ from ladle.errors import (
     UnsupportedTensorTypeError,
 )
 from ladle.messages import RequestBuilder, TextMessageRole, TextMessages
-from ladle.model import AsyncModel, Model, ModelInfo
+from ladle.model import AsyncModel, Model
+from ladle.model_core import ModelInfo
 from ladle.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,

@@ -16,7 +16,8 @@ import torch
 
 from ladle.engine.loader import load_model
 from ladle.errors import InvalidRequestError, ModelLoadError
-from ladle.model import AsyncModel, Model, ModelCore
+from ladle.model import AsyncModel, Model
+from ladle.model_core import ModelCore
 
 _DTYPES = {
     "auto": torch.float32,

@@ -133,3 +133,15 @@ def completion_logprobs(entries: list[TokenLogprob], offset: int = 0) -> Complet
         top_logprobs=[{t.token: t.logprob for t in e.top_logprobs} for e in entries],
         text_offset=offsets,
     )
+
+
+def completion_chunk(
+    rid: str, created: int, model: str, event: TokenEvent, logprob: TokenLogprob | None
+) -> CompletionResponse:
+    choice = CompletionChoice(
+        index=event.index,
+        text=event.text,
+        finish_reason=event.finish_reason,  # type: ignore[arg-type]
+        logprobs=completion_logprobs([logprob]) if logprob else None,
+    )
+    return CompletionResponse(id=rid, created=created, model=model, choices=[choice])

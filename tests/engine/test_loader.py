@@ -110,6 +110,16 @@ def test_safetensors_folder_end_to_end(tiny_folder: Path) -> None:
         assert reply.usage.completion_tokens <= 5
 
 
+def test_chat_template_override(tmp_path: Path, tiny_folder: Path) -> None:
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}>"
+    file = tmp_path / "template.jinja"
+    file.write_text(template)
+    messages = [{"role": "user", "content": "Hi"}]
+    for given in (template, str(file)):
+        with TextModelBuilder(tiny_folder).with_chat_template(given).build() as model:
+            assert model.detokenize(model.tokenize(messages)) == "[user] Hi\n>"
+
+
 def test_missing_tensor_names_folder_and_tensor(tmp_path: Path, tiny_folder: Path) -> None:
     import shutil
 

@@ -51,7 +51,7 @@ def load_model(
     if tokenizer_path is not None:
         loaded.tokenizer = Tokenizer.from_folder(Path(tokenizer_path))
     if chat_template is not None:
-        loaded.tokenizer.chat_template = _read_template(chat_template)
+        loaded.tokenizer.chat_templates["default"] = _read_template(chat_template)
     return loaded
 
 

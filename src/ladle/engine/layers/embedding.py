@@ -1,7 +1,11 @@
 """Token embeddings, and the output head that may share their table.
 
-A GGUF embedding is usually Q8_0 or Q6_K: it is decoded once to the compute dtype, since a
-lookup touches a few rows per step but a tied head reads all of them every step.
+The head reads its whole `[vocab, hidden]` table every decode step, which makes it the costliest
+matmul of a small model (SmolLM2: 49152x576, 10 ms of a 20 ms step in fp32). When the file
+stores it quantized (Q8_0, Q6_K: 8 bits or fewer per weight), it is kept in float16, which
+holds those values to 2^-12: measured 1.8 ms in fp16 against 3.5 ms in bf16 and 9.9 ms in
+fp32 on a 2-core AVX-512 CPU. Its input is normalized, so fp16's range is no concern. A tied
+embedding looks its rows up in the head's table, so the table sits in memory once.
 """
 
 from __future__ import annotations
@@ -13,31 +17,56 @@ from torch import nn
 from ladle.engine.layers.linear import Linear
 from ladle.engine.quant.ggml import GGMLTensor
 from ladle.engine.quant.int4 import can_pack_int4
+from ladle.errors import ModelLoadError
+
+HEAD_DTYPE = torch.float16
 
 
 class Embedding(nn.Module):
-    """Lookup table `[num_embeddings, embedding_dim]` of the compute dtype."""
+    """Lookup table `[num_embeddings, embedding_dim]`; rows come out in the compute dtype."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
         super().__init__()
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.weight: torch.Tensor | None = None
+        self.dtype = torch.float32
 
     def load_weight(self, weight: torch.Tensor | GGMLTensor, dtype: torch.dtype) -> None:
         if tuple(weight.shape) != (self.num_embeddings, self.embedding_dim):
-            raise ValueError(
-                f"shape {tuple(weight.shape)} != {(self.num_embeddings, self.embedding_dim)}"
+            name = weight.name if isinstance(weight, GGMLTensor) else "weight"
+            raise ModelLoadError(
+                name,
+                f"shape {tuple(weight.shape)} does not match "
+                f"{(self.num_embeddings, self.embedding_dim)}",
             )
         dense = weight.dequantize(dtype) if isinstance(weight, GGMLTensor) else weight.to(dtype)
         self.weight = nn.Parameter(dense.contiguous(), requires_grad=False)
+        self.dtype = dtype
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         assert self.weight is not None, "Embedding used before load_weight"
-        return F.embedding(input_ids, self.weight)
+        return F.embedding(input_ids, self.weight).to(self.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+class LMHead(Linear):
+    """The output projection; a quantized source is stored in float16 (see above)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int) -> None:
+        super().__init__(hidden_size, vocab_size)
+
+    def load_weight(
+        self,
+        weight: torch.Tensor | GGMLTensor,
+        dtype: torch.dtype,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        if isinstance(weight, GGMLTensor) and weight.is_quantized:
+            self.storage_dtype = HEAD_DTYPE
+        super().load_weight(weight, dtype, bias)
 
 
 def tie_lm_head(
@@ -49,10 +78,13 @@ def tie_lm_head(
     """Give `lm_head` the embedding's table (`source` is the weight the embedding loaded).
 
     A 4-bit table is packed again for the int4 kernel, which beats reading dense rows; any
-    other table is shared with the embedding, so it sits in memory once.
+    other table is stored once, in the head's dtype, and the embedding looks rows up in it.
     """
     if isinstance(source, GGMLTensor) and can_pack_int4(source):
         lm_head.load_weight(source, dtype)
-    else:
-        assert embedding.weight is not None
-        lm_head.load_weight(embedding.weight, dtype)
+        return
+    assert embedding.weight is not None
+    if isinstance(source, GGMLTensor) and source.is_quantized:
+        lm_head.storage_dtype = HEAD_DTYPE
+    lm_head.load_weight(embedding.weight, dtype)
+    embedding.weight = lm_head.weight

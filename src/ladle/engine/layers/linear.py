@@ -20,10 +20,17 @@ from ladle.errors import ModelLoadError
 class Linear(nn.Module):
     """`y = x W^T + b` with W dense or int4-packed; the forward is one kernel call either way."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        storage_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self.storage_dtype = storage_dtype  # a dense weight kept in this dtype, not the compute one
         self.weight: torch.Tensor | None = None
         self.int4: Int4Weight | None = None
         self.bias: torch.Tensor | None = None
@@ -48,7 +55,8 @@ class Linear(nn.Module):
             self.weight = None
         else:
             dense = weight.dequantize(dtype) if isinstance(weight, GGMLTensor) else weight
-            self.weight = nn.Parameter(dense.to(dtype).contiguous(), requires_grad=False)
+            stored = dense.to(self.storage_dtype or dtype).contiguous()
+            self.weight = nn.Parameter(stored, requires_grad=False)
             self.int4 = None
         if bias is not None:
             self.bias = nn.Parameter(bias.to(dtype).contiguous(), requires_grad=False)
@@ -57,9 +65,13 @@ class Linear(nn.Module):
         if self.int4 is not None:
             y = self.int4.matmul(x)
             return y if self.bias is None else y + self.bias
-        assert self.weight is not None, "Linear used before load_weight"
-        return F.linear(x, self.weight, self.bias)
+        w = self.weight
+        assert w is not None, "Linear used before load_weight"
+        if w.dtype == x.dtype:
+            return F.linear(x, w, self.bias)
+        y = F.linear(x.to(w.dtype), w).to(x.dtype)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        kind = "int4" if self.int4 is not None else "dense"
+        kind = "int4" if self.int4 is not None else f"dense {self.storage_dtype or ''}".strip()
         return f"in={self.in_features}, out={self.out_features}, {kind}, bias={self.has_bias}"

@@ -8,78 +8,23 @@ GGUF tokenizes. A folder's `tokenizer.json` already is such a pipeline and is us
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
+from tokenizers import models
 
+from ladle.engine.loading.gguf_vocab import (
+    PRE_ADDS_BOS,
+    add_control_tokens,
+    byte_level_bpe,
+    required_key,
+    sentencepiece_bpe,
+    token_at,
+)
 from ladle.errors import ModelLoadError
-
-logger = logging.getLogger(__name__)
-
-# Original `tokenizer.json` spellings; llama.cpp rewrites `(?i:...)` only for its own regex engine.
-_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
-_LLAMA3 = (
-    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2 = (
-    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN35 = (
-    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
-    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_UPPER, _LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
-_TEKKEN = (
-    rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_GPT4O = (
-    rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTIONS}?"
-    rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTIONS}?"
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_DEFAULT = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]")
-
-
-_LLAMA3_NAMES = "llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2 jina-v5-nano"
-
-
-def _pre(names: str, *regexes: str, ignore_merges: bool = False) -> dict[str, Any]:
-    return dict.fromkeys(names.split(), (regexes, ignore_merges))
-
-
-# `tokenizer.ggml.pre` -> (regexes applied in turn, each isolating its matches; whether a whole
-# word found in the vocabulary skips the merges), as llama.cpp's `llm_tokenizer_bpe` has them.
-_PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
-    **_pre("default", *_DEFAULT),
-    **_pre("gpt-2 phi-2 mpt olmo jais trillion granite-docling exaone4 mellum", _GPT2),
-    **_pre("jina-es jina-de jina-v2-es jina-v2-de jina-v1-en jina-v2-code roberta-bpe", _GPT2),
-    **_pre("gigachat a.x-4.0 modern-bert", _GPT2),
-    **_pre(_LLAMA3_NAMES, _LLAMA3, ignore_merges=True),
-    **_pre("dbrx smaug-bpe glm4 chatglm-bpe", _LLAMA3),
-    **_pre("qwen2 deepseek-r1-qwen kormo f2llmv2 megrez stablelm2 hunyuan solar-open", _QWEN2),
-    **_pre("qwen35", _QWEN35),
-    **_pre(
-        "starcoder refact command-r smollm codeshell exaone minerva-7b mellum2", r"\p{N}", _GPT2
-    ),
-    **_pre("falcon", r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"),
-    **_pre("deepseek-coder", r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[一-龥ࠀ-一가-퟿]+", r"\p{N}"),
-    **_pre("gpt-4o llama4 kanana2 talkie minimax-m2", _GPT4O),
-    **_pre("tekken", _TEKKEN, ignore_merges=True),
-}
-# llama.cpp adds BOS for these when the file does not say (`tokenizer.ggml.add_bos_token`).
-_PRE_ADDS_BOS = frozenset({*_LLAMA3_NAMES.split(), "tekken", "chameleon"})
-
-# GGUF token types (gguf.TokenType).
-_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
 
 # Tokens that end a turn wherever they are in a vocabulary (llama.cpp's end-of-generation list).
 _END_OF_TURN_TOKENS = (
@@ -133,23 +78,23 @@ class Tokenizer:
     def from_gguf(cls, metadata: dict[str, Any], path: str | Path) -> Tokenizer:
         """The tokenizer a GGUF's `tokenizer.*` metadata describes; `path` is named in errors."""
         kind = metadata.get("tokenizer.ggml.model")
-        tokens = _required(metadata, "tokenizer.ggml.tokens", path)
+        tokens = required_key(metadata, "tokenizer.ggml.tokens", path)
         token_types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
         if len(token_types) != len(tokens):
             raise ModelLoadError(
                 path, "tokenizer.ggml.token_type and tokenizer.ggml.tokens differ in length"
             )
         if kind == "gpt2":
-            backend = _byte_level_bpe(metadata, tokens, token_types, path)
+            backend = byte_level_bpe(metadata, tokens, token_types, path)
         elif kind == "llama":
-            backend = _sentencepiece_bpe(metadata, tokens, path)
+            backend = sentencepiece_bpe(metadata, tokens, path)
         else:
             raise ModelLoadError(
                 path, f"tokenizer.ggml.model {kind!r} is not supported (gpt2 or llama)"
             )
-        _add_control_tokens(backend, tokens, token_types)
+        add_control_tokens(backend, tokens, token_types)
         pre = metadata.get("tokenizer.ggml.pre", "default")
-        default_bos = kind == "llama" or pre in _PRE_ADDS_BOS
+        default_bos = kind == "llama" or pre in PRE_ADDS_BOS
         templates = {
             key.removeprefix("tokenizer.chat_template").lstrip(".") or "default": value
             for key, value in metadata.items()
@@ -158,12 +103,12 @@ class Tokenizer:
         ids = (metadata.get(f"tokenizer.ggml.{name}_token_id") for name in ("eot", "eom"))
         return cls(
             backend,
-            bos_token=_token_at(tokens, metadata.get("tokenizer.ggml.bos_token_id")),
-            eos_token=_token_at(tokens, metadata.get("tokenizer.ggml.eos_token_id")),
+            bos_token=token_at(tokens, metadata.get("tokenizer.ggml.bos_token_id")),
+            eos_token=token_at(tokens, metadata.get("tokenizer.ggml.eos_token_id")),
             add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", default_bos)),
             add_eos=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
             chat_templates=templates,
-            stop_token_ids=[i for i in ids if _token_at(tokens, i) is not None],
+            stop_token_ids=[i for i in ids if token_at(tokens, i) is not None],
         )
 
     @classmethod
@@ -270,106 +215,6 @@ class IncrementalDecoder:
         decode, skip = self._tokenizer.decode, self._skip_special_tokens
         start = self._prefix_offset
         return decode(self._ids[start : self._read_offset], skip), decode(self._ids[start:], skip)
-
-
-def _byte_level_bpe(
-    metadata: dict[str, Any], tokens: list[str], token_types: list[int], path: str | Path
-) -> Backend:
-    """GPT-2 style BPE over bytes, split first by the regexes of `tokenizer.ggml.pre`."""
-    merges = _required(metadata, "tokenizer.ggml.merges", path)
-    alphabet = _bytes_to_unicode()
-    spelled = set(alphabet.values())
-    vocab = {}
-    for i, (token, token_type) in enumerate(zip(tokens, token_types, strict=True)):
-        if token_type not in (_CONTROL, _USER_DEFINED) and not set(token) <= spelled:
-            token = "".join(alphabet[b] for b in token.encode())  # stored as text, not bytes
-        vocab[token] = i
-    pre = metadata.get("tokenizer.ggml.pre", "default")
-    if pre not in _PRE_TOKENIZERS:
-        logger.warning("%s: unknown tokenizer.ggml.pre %r, splitting text as GPT-2 does", path, pre)
-    regexes, ignore_merges = _PRE_TOKENIZERS.get(pre, ((_GPT2,), False))
-    model = models.BPE(vocab, [_split_merge(m) for m in merges], ignore_merges=ignore_merges)
-    backend = Backend(model)
-    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.pre_tokenizer = pre_tokenizers.Sequence([*splits, byte_level])
-    backend.decoder = decoders.ByteLevel()
-    return backend
-
-
-def _sentencepiece_bpe(metadata: dict[str, Any], tokens: list[str], path: str | Path) -> Backend:
-    """SentencePiece BPE: `▁` for spaces, merges ranked by score, unknown bytes as `<0xNN>`.
-
-    Like llama.cpp, a space is prepended to every run of text, the one after a special token too.
-    """
-    scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-    if len(scores) != len(tokens):
-        raise ModelLoadError(
-            path, "tokenizer.ggml.scores and tokenizer.ggml.tokens differ in length"
-        )
-    if "tokenizer.ggml.merges" in metadata:
-        merges = [_split_merge(m) for m in metadata["tokenizer.ggml.merges"]]
-    else:
-        merges = _merges_from_scores(tokens, scores)
-    unk = _token_at(tokens, metadata.get("tokenizer.ggml.unknown_token_id"))
-    vocab = {token: i for i, token in enumerate(tokens)}
-    backend = Backend(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
-    add_space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
-    steps = [normalizers.Prepend("▁")] if add_space_prefix else []
-    backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
-    strip = [decoders.Strip(" ", 1, 0)] if add_space_prefix else []
-    backend.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), *strip]
-    )
-    return backend
-
-
-def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
-    """Every split of a token into two tokens, best merged score first (transformers' order)."""
-    vocab = {token: i for i, token in enumerate(tokens)}
-    ranked = []
-    for token, score in dict(zip(tokens, scores, strict=True)).items():
-        pairs = [(token[:k], token[k:]) for k in range(1, len(token))]
-        pairs = sorted(
-            (p for p in pairs if p[0] in vocab and p[1] in vocab),
-            key=lambda p: (vocab[p[0]], vocab[p[1]]),
-        )
-        ranked.extend((left, right, score) for left, right in pairs)
-    ranked.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    return [(left, right) for left, right, _ in ranked]
-
-
-def _add_control_tokens(backend: Backend, tokens: list[str], token_types: list[int]) -> None:
-    """Match control and user-defined tokens whole in text, as llama.cpp does."""
-    special = [
-        t for t, kind in zip(tokens, token_types, strict=True) if kind in (_CONTROL, _UNKNOWN)
-    ]
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-    user = [t for t, kind in zip(tokens, token_types, strict=True) if kind == _USER_DEFINED]
-    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's spelling of each byte as a printable character."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    printable += range(ord("®"), ord("ÿ") + 1)
-    extra = (b for b in range(256) if b not in printable)
-    return {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(extra)}
-
-
-def _split_merge(merge: str) -> tuple[str, str]:
-    cut = merge.find(" ", 1)  # from 1, as llama.cpp: a merge's left part may be a space
-    return merge[:cut], merge[cut + 1 :]
-
-
-def _required(metadata: dict[str, Any], key: str, path: str | Path) -> Any:
-    if not metadata.get(key):
-        raise ModelLoadError(path, f"missing {key} in the tokenizer metadata")
-    return metadata[key]
-
-
-def _token_at(tokens: list[str], token_id: Any) -> str | None:
-    return tokens[token_id] if isinstance(token_id, int) and 0 <= token_id < len(tokens) else None
 
 
 def _token_content(token: Any) -> str | None:

@@ -17,8 +17,7 @@ from torch import nn
 
 from ladle.engine.kv_cache import KVCache
 from ladle.engine.layers.attention import Attention
-from ladle.engine.layers.embedding import Embedding
-from ladle.engine.layers.linear import Linear
+from ladle.engine.layers.embedding import Embedding, LMHead
 from ladle.engine.layers.norm import RMSNorm
 from ladle.engine.layers.rotary import RotaryEmbedding
 from ladle.engine.loading.config import ModelConfig
@@ -136,7 +135,7 @@ class GemmaForCausalLM(CausalLM):
         super().__init__()
         self.config = config
         self.model = GemmaModel(config, self.variant)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size)
 
 
 class Gemma2ForCausalLM(GemmaForCausalLM):

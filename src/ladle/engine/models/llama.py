@@ -14,7 +14,7 @@ from torch import nn
 from ladle.engine.kv_cache import KVCache
 from ladle.engine.layers.activation import gated_activation
 from ladle.engine.layers.attention import Attention
-from ladle.engine.layers.embedding import Embedding
+from ladle.engine.layers.embedding import Embedding, LMHead
 from ladle.engine.layers.linear import Linear
 from ladle.engine.layers.norm import RMSNorm
 from ladle.engine.layers.rotary import RotaryEmbedding, apply_rotary
@@ -139,7 +139,7 @@ class LlamaForCausalLM(CausalLM):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, self.attention_biases(config), self.qk_norm)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size)
 
     @staticmethod
     def attention_biases(config: ModelConfig) -> tuple[bool, bool]:

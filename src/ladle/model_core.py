@@ -1,0 +1,245 @@
+"""What `Model` and `AsyncModel` share: every rule that does no waiting.
+
+How any accepted request shape becomes a validated request, a prompt that fits the context and
+sampling parameters; how a conversation is rendered and tokenized; what `config()` reports.
+The two API classes differ only in how they wait for the engine's events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ladle.engine.engine import EngineConfig, LLMEngine
+from ladle.engine.loader import LoadedModel
+from ladle.engine.loading.chat_template import render_chat_template, validate_messages
+from ladle.engine.sampling import SamplingParams
+from ladle.errors import InvalidRequestError
+from ladle.messages import RequestBuilder, TextMessages
+from ladle.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    CompletionRequest,
+    Delta,
+    parse_request,
+)
+from ladle.responses import Accumulator
+
+ChatInput = str | list[dict[str, Any]] | TextMessages | RequestBuilder | ChatCompletionRequest
+CompletionInput = str | list[int] | CompletionRequest | dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What `Model.config()` reports."""
+
+    model_id: str
+    architecture: str
+    modalities: dict[str, list[str]]
+    device: str
+    dtype: str
+    max_seq_len: int
+    file_format: str
+    path: str
+
+
+class ModelCore:
+    """Request and response rules shared by `Model` and `AsyncModel` (no waiting here)."""
+
+    def __init__(
+        self, loaded: LoadedModel, model_id: str, max_num_seqs: int, max_seq_len: int | None
+    ) -> None:
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.model_id = model_id
+        context = loaded.config.max_position_embeddings
+        self.max_seq_len = min(max_seq_len, context) if max_seq_len else context
+        self.engine = LLMEngine(
+            loaded.model,
+            loaded.tokenizer,
+            EngineConfig(self.max_seq_len, loaded.dtype, max_num_seqs),
+        )
+
+    # ---- requests
+
+    def chat_request(self, request: ChatInput) -> ChatCompletionRequest:
+        if isinstance(request, ChatCompletionRequest):
+            return request
+        if isinstance(request, (TextMessages, RequestBuilder)):
+            return request.to_request()
+        if isinstance(request, str):
+            return parse_request(
+                ChatCompletionRequest,
+                {"messages": [{"role": "user", "content": request}], "temperature": 0.0},
+            )
+        if isinstance(request, list):
+            return parse_request(ChatCompletionRequest, {"messages": request})
+        if isinstance(request, dict):
+            return parse_request(ChatCompletionRequest, request)
+        raise InvalidRequestError(f"cannot send a {type(request).__name__} as a chat request")
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        enable_thinking: bool | None = None,
+        **kwargs: Any,
+    ) -> str:
+        template = self.tokenizer.chat_template
+        if template is None:
+            raise InvalidRequestError(
+                f"model {self.model_id!r} has no chat template; use send_completion_request "
+                "or pass chat_template= to the builder",
+                param="messages",
+            )
+        return render_chat_template(
+            template,
+            validate_messages(messages),
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
+            bos_token=self.tokenizer.bos_token or "",
+            eos_token=self.tokenizer.eos_token or "",
+            **kwargs,
+        )
+
+    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        text = self.render_chat(
+            [m.to_template_dict() for m in req.messages],
+            tools=req.tools,
+            enable_thinking=req.enable_thinking,
+            **(req.chat_template_kwargs or {}),
+        )
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def completion_request(self, request: CompletionInput) -> CompletionRequest:
+        if isinstance(request, CompletionRequest):
+            return request
+        if isinstance(request, (str, list)):
+            return parse_request(CompletionRequest, {"prompt": request, "max_tokens": None})
+        return parse_request(CompletionRequest, request)
+
+    def completion_prompt(self, req: CompletionRequest) -> list[int]:
+        if isinstance(req.prompt, str):
+            return self.tokenizer.encode(req.prompt, add_special_tokens=True)
+        vocab = self.tokenizer.vocab_size
+        if any(not 0 <= t < vocab for t in req.prompt):
+            raise InvalidRequestError(f"token ids must be in [0, {vocab})", param="prompt")
+        return list(req.prompt)
+
+    def sampling(
+        self, req: ChatCompletionRequest | CompletionRequest, logprobs: bool, top: int
+    ) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=req.token_limit(),
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_k=req.top_k or 0,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            min_p=req.min_p or 0.0,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            logit_bias=dict(req.logit_bias or {}),
+            seed=req.seed,
+            stop=req.stop_list(),
+            logprobs=logprobs,
+            top_logprobs=top,
+            n=req.n,
+            truncate_sequence=req.truncate_sequence,
+        )
+
+    def prepare_chat(
+        self, request: ChatInput
+    ) -> tuple[ChatCompletionRequest, list[int], SamplingParams]:
+        """The validated request, its prompt as it will run, and its sampling parameters."""
+        req = self.chat_request(request)
+        params = self.sampling(req, req.logprobs, req.top_logprobs or 0)
+        return req, self.engine.fit_prompt(self.chat_prompt(req), params), params
+
+    def prepare_completion(
+        self, request: CompletionInput
+    ) -> tuple[CompletionRequest, list[int], SamplingParams]:
+        req = self.completion_request(request)
+        params = self.sampling(req, req.logprobs is not None, req.logprobs or 0)
+        return req, self.engine.fit_prompt(self.completion_prompt(req), params), params
+
+    # ---- responses
+
+    def echo_prefix(self, req: CompletionRequest, prompt: list[int]) -> str:
+        """The prompt text that `echo` puts before the completion."""
+        if not req.echo:
+            return ""
+        if isinstance(req.prompt, str) and len(prompt) == len(self.completion_prompt(req)):
+            return req.prompt
+        return self.detokenize(prompt, skip_special_tokens=True)  # ids, or a truncated prompt
+
+    def first_chunks(self, rid: str, created: int, n: int) -> list[ChatCompletionChunk]:
+        return [
+            ChatCompletionChunk(
+                id=rid,
+                created=created,
+                model=self.model_id,
+                choices=[ChunkChoice(index=i, delta=Delta(role="assistant", content=""))],
+            )
+            for i in range(n)
+        ]
+
+    def usage_chunk(self, rid: str, created: int, acc: Accumulator) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=rid, created=created, model=self.model_id, choices=[], usage=acc.usage()
+        )
+
+    # ---- tokens and facts
+
+    def tokenize(
+        self,
+        text_or_messages: str | list[dict[str, Any]] | TextMessages,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        add_special_tokens: bool = True,
+        add_generation_prompt: bool = True,
+        enable_thinking: bool | None = None,
+    ) -> list[int]:
+        if isinstance(text_or_messages, str):
+            return self.tokenizer.encode(text_or_messages, add_special_tokens=add_special_tokens)
+        messages = (
+            text_or_messages.messages
+            if isinstance(text_or_messages, TextMessages)
+            else text_or_messages
+        )
+        text = self.render_chat(
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
+        )
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def detokenize(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            model_id=self.model_id,
+            architecture=self.loaded.config.architecture,
+            modalities={"input": ["text"], "output": ["text"]},
+            device="cpu",
+            dtype=str(self.loaded.dtype).removeprefix("torch."),
+            max_seq_len=self.max_seq_len,
+            file_format=self.loaded.file_format,
+            path=str(self.loaded.path),
+        )
+
+    def raw_logits(self, prompt_ids: list[int]) -> torch.Tensor:
+        """Logits of the token after `prompt_ids` (runs on the engine thread)."""
+        model = self.loaded.model
+        with torch.inference_mode():
+            cache = model.new_cache(self.loaded.dtype)
+            ids = torch.tensor(prompt_ids, dtype=torch.long)
+            last = torch.tensor([len(prompt_ids) - 1])
+            return model(ids, torch.arange(len(prompt_ids)), cache, logits_indices=last)[0]
