@@ -9,6 +9,7 @@ engine; the methods have the same names in the same order, as httpx's `Client` a
 from __future__ import annotations
 
 import asyncio
+import functools
 import queue
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -125,7 +126,9 @@ class Model:
         """The logits of the first generated token (float32 `[vocab]`) and the prompt ids."""
         core = self._core
         _, prompt, _ = core.prepare_chat(request)
-        return core.engine.run(lambda: core.raw_logits(prompt)).result(), prompt
+        return core.engine.run(
+            functools.partial(core.engine.prompt_logits, prompt)
+        ).result(), prompt
 
     def tokenize(
         self,
@@ -241,7 +244,9 @@ class AsyncModel:
     async def send_raw_chat_request(self, request: ChatInput) -> tuple[torch.Tensor, list[int]]:
         core = self._core
         _, prompt, _ = core.prepare_chat(request)
-        logits = await asyncio.wrap_future(core.engine.run(lambda: core.raw_logits(prompt)))
+        logits = await asyncio.wrap_future(
+            core.engine.run(functools.partial(core.engine.prompt_logits, prompt))
+        )
         return logits, prompt
 
     async def tokenize(

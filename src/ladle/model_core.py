@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from ladle.engine.engine import EngineConfig, LLMEngine
 from ladle.engine.loader import LoadedModel
 from ladle.engine.loading.chat_template import render_chat_template, validate_messages
@@ -234,12 +232,3 @@ class ModelCore:
             file_format=self.loaded.file_format,
             path=str(self.loaded.path),
         )
-
-    def raw_logits(self, prompt_ids: list[int]) -> torch.Tensor:
-        """Logits of the token after `prompt_ids` (runs on the engine thread)."""
-        model = self.loaded.model
-        with torch.inference_mode():
-            cache = model.new_cache(self.loaded.dtype)
-            ids = torch.tensor(prompt_ids, dtype=torch.long)
-            last = torch.tensor([len(prompt_ids) - 1])
-            return model(ids, torch.arange(len(prompt_ids)), cache, logits_indices=last)[0]

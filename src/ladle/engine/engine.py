@@ -8,6 +8,7 @@ that arrived (long prompts in chunks), then decodes one token for every running 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import deque
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from ladle.engine.kv_cache import KVCache
 from ladle.engine.loading.tokenizer import Tokenizer
 from ladle.engine.models.base import CausalLM
 from ladle.engine.sampling import SamplingParams
@@ -165,9 +167,9 @@ class LLMEngine:
             self._running = [s for s in self._running if s.seq_id not in aborted]
             for handle in new:
                 if all(s.seq_id not in aborted for s in handle.seqs):
-                    self._guarded(handle.seqs, lambda h=handle: self._prefill(h))
+                    self._guarded(handle.seqs, functools.partial(self._prefill, handle))
             for seq in list(self._running):
-                self._guarded([seq], lambda s=seq: self._decode(s))
+                self._guarded([seq], functools.partial(self._decode, seq))
             self._running = [s for s in self._running if s.status is SequenceStatus.RUNNING]
         self._fail_all(EngineClosedError("the model was closed before the request finished"))
 
@@ -187,10 +189,15 @@ class LLMEngine:
                     self._running.remove(s)
                 s.sink.fail(e)
 
+    def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
+        """Logits (float32 `[vocab]`) of the token after `prompt_ids`; call through `run`."""
+        return self._prefill_prompt(prompt_ids)[1]
+
     @torch.inference_mode()
-    def _prefill(self, handle: RequestHandle) -> None:
+    def _prefill_prompt(self, prompt_ids: list[int]) -> tuple[KVCache, torch.Tensor]:
+        """A new cache holding the prompt, and the logits after its last token."""
         cache = self.model.new_cache(self.config.dtype)
-        ids = torch.tensor(handle.prompt_ids, dtype=torch.long)
+        ids = torch.tensor(prompt_ids, dtype=torch.long)
         chunk = self.config.prefill_chunk_size
         logits = None
         for start in range(0, len(ids), chunk):
@@ -199,7 +206,10 @@ class LLMEngine:
             last = torch.tensor([len(part) - 1])
             logits = self.model(part, positions, cache, logits_indices=last)
         assert logits is not None
-        row = logits[0]
+        return cache, logits[0]
+
+    def _prefill(self, handle: RequestHandle) -> None:
+        cache, row = self._prefill_prompt(handle.prompt_ids)
         for i, seq in enumerate(handle.seqs):
             seq.cache = cache if i == 0 else cache.fork()
             seq.status = SequenceStatus.RUNNING
