@@ -40,7 +40,11 @@ class Embedding(nn.Module):
                 f"shape {tuple(weight.shape)} does not match "
                 f"{(self.num_embeddings, self.embedding_dim)}",
             )
-        dense = weight.dequantize(dtype) if isinstance(weight, GGMLTensor) else weight.to(dtype)
+        if isinstance(weight, GGMLTensor):
+            # a quantized table is kept in fp16, the precision the head reads it in (see above)
+            dense = weight.dequantize(HEAD_DTYPE if weight.is_quantized else dtype)
+        else:
+            dense = weight.to(dtype)
         self.weight = nn.Parameter(dense.contiguous(), requires_grad=False)
         self.dtype = dtype
 

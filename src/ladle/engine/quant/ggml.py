@@ -36,6 +36,9 @@ _DENSE_DTYPES = {
 }
 
 
+_DEQUANT_ROWS = 4096
+
+
 @dataclass(slots=True)
 class GGMLTensor:
     """A 2-D (or 1-D) weight stored as GGML blocks, one row of blocks per output row.
@@ -79,8 +82,12 @@ class GGMLTensor:
             return torch.from_numpy(raw).view(storage).reshape(self.shape).to(dtype)
         row_bytes = self.data.nbytes // math.prod(self.shape[:-1])  # gguf works on whole rows
         rows = np.ascontiguousarray(self.data).reshape(-1).view(np.uint8).reshape(-1, row_bytes)
-        values = dequantize(rows, self.ggml_type)  # float32, freshly allocated
-        return torch.from_numpy(values).reshape(self.shape).to(dtype)
+        out = torch.empty(rows.shape[0], self.shape[-1], dtype=dtype)
+        # in slices, so the float32 temporary stays small beside a half-precision result
+        for start in range(0, rows.shape[0], _DEQUANT_ROWS):
+            values = dequantize(rows[start : start + _DEQUANT_ROWS], self.ggml_type)
+            out[start : start + len(values)] = torch.from_numpy(values)
+        return out.reshape(self.shape)
 
     def permute_rows(self, index: torch.Tensor | np.ndarray) -> GGMLTensor:
         """Reorder output rows; blocks never straddle rows, so this is exact on raw bytes."""
