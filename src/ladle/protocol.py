@@ -4,15 +4,19 @@ Requests are validated here, where they enter: `parse_request` turns pydantic's 
 one `InvalidRequestError` naming the field (`messages[1].role`, `top_p`), so the SDK and the
 server report bad input the same way. Extensions that mistral.rs and vLLM accept (`top_k`,
 `min_p`, `repetition_penalty`, `truncate_sequence`) sit beside OpenAI's own fields.
+Foundry Local's management shapes (`/foundry/list`, `/openai/download`, `/openai/status`) are
+at the end, under their own heading.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.alias_generators import to_camel, to_pascal
 
 from ladle.errors import InvalidRequestError
 
@@ -124,6 +128,20 @@ class CompletionRequest(SamplingFields):
 
 
 Request = TypeVar("Request", bound=BaseModel)
+
+
+def parse_body(cls: type[Request], raw: bytes) -> Request:
+    """Decode an HTTP request's JSON body and validate it into `cls`.
+
+    Bad JSON, a body that is not an object and a bad field all raise `InvalidRequestError`.
+    """
+    try:
+        data = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise InvalidRequestError(f"the request body is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    return parse_request(cls, data)
 
 
 def parse_request(cls: type[Request], data: Any) -> Request:
@@ -244,3 +262,125 @@ class CompletionResponse(_Wire):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+
+
+class ModelCard(_Wire):
+    """One entry of `GET /v1/models`."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(_Wire):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(_Wire):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Wire):
+    """OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`."""
+
+    error: ErrorDetail
+
+
+# ---------------------------------------------------------------- Foundry Local management
+#
+# Foundry Local's v1 service speaks camelCase on `/foundry/list` and `/openai/status`, and
+# PascalCase inside the `/openai/download` body. Fields are snake_case here; aliases give the
+# wire names, so dump these with `by_alias=True`. Clients send either spelling.
+
+
+class _CamelWire(_Wire):
+    model_config = ConfigDict(
+        extra="ignore", alias_generator=to_camel, populate_by_name=True, protected_namespaces=()
+    )
+
+
+class _PascalWire(_Wire):
+    model_config = ConfigDict(
+        extra="ignore", alias_generator=to_pascal, populate_by_name=True, protected_namespaces=()
+    )
+
+
+class FoundryRuntime(_CamelWire):
+    device_type: str  # "CPU", "GPU", "NPU"
+    execution_provider: str  # "CPUExecutionProvider", "CUDAExecutionProvider", ...
+
+
+class FoundryModelSettings(_CamelWire):
+    parameters: list[dict[str, Any]] = []
+
+
+class FoundryListEntry(_CamelWire):
+    """One catalog variant in `GET /foundry/list`, as `FoundryModelInfo.from_list_response`
+    reads it. Foundry's SDK requires every string present, so absent facts are empty strings."""
+
+    name: str  # the model id, e.g. "smollm2-135m-instruct-q4_1-generic-cpu:1"
+    display_name: str
+    alias: str
+    version: str
+    uri: str
+    provider_type: str
+    model_type: str  # the file format, e.g. "GGUF"
+    prompt_template: dict[str, Any] | None
+    publisher: str
+    task: str
+    license: str
+    license_description: str
+    parent_model_uri: str
+    runtime: FoundryRuntime
+    file_size_mb: int
+    model_settings: FoundryModelSettings
+    supports_tool_calling: bool
+    max_output_tokens: int | None
+    min_fl_version: str | None = Field(default=None, alias="minFLVersion")
+
+
+class FoundryDownloadModel(_PascalWire):
+    """The `model` object of a download request, as `FoundryModelInfo.to_download_body` sends it."""
+
+    name: str = Field(min_length=1)  # the model id
+    uri: str = ""
+    publisher: str = ""
+    provider_type: str = ""
+    prompt_template: dict[str, Any] | None = None
+
+
+class FoundryDownloadRequest(_Wire):
+    """Body of `POST /openai/download`. `model` is an object, or a bare id as Foundry's REST
+    reference shows it."""
+
+    model: FoundryDownloadModel
+    token: str | None = None
+    ignore_pipe_report: bool = Field(
+        default=True, validation_alias=AliasChoices("IgnorePipeReport", "ignorePipeReport")
+    )
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _bare_id(cls, v: Any) -> Any:
+        return {"Name": v} if isinstance(v, str) else v
+
+
+class FoundryDownloadResult(_CamelWire):
+    """The last line of a download's progress stream."""
+
+    success: bool
+    error_message: str | None = None
+
+
+class FoundryStatus(_CamelWire):
+    """Body of `GET /openai/status`."""
+
+    endpoints: list[str]
+    model_dir_path: str
+    pipe_name: str | None = None
+    is_auto_registration_resolved: bool = True

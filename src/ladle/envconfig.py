@@ -1,0 +1,50 @@
+"""Every `LADLE_*` environment variable, read in one place, typed and documented.
+
+    LADLE_HOME          ladle's own folder: user catalogs, registered local models (~/.ladle)
+    LADLE_CACHE_DIR     the model cache root ($LADLE_HOME/models)
+    LADLE_CATALOG_PATH  extra catalog files or folders of *.json, separated by os.pathsep
+    LADLE_HF_ENDPOINT   the Hugging Face hub's base URL (else HF_ENDPOINT, else huggingface.co)
+    LADLE_HF_TOKEN      a hub token for gated models (else HF_TOKEN)
+
+Each is read when asked for, not at import, so a test or a long-running service sees a change.
+The `HF_*` fallbacks are the hub's own variables, honoured so an existing setup just works.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+
+
+def home() -> Path:
+    """`LADLE_HOME`, else `~/.ladle`."""
+    return _path("LADLE_HOME") or Path.home() / ".ladle"
+
+
+def cache_dir() -> Path:
+    """`LADLE_CACHE_DIR`, else `$LADLE_HOME/models`."""
+    return _path("LADLE_CACHE_DIR") or home() / "models"
+
+
+def catalog_paths() -> list[Path]:
+    """`LADLE_CATALOG_PATH` split on `os.pathsep`: catalog files, or folders of `*.json`."""
+    raw = os.environ.get("LADLE_CATALOG_PATH", "")
+    return [Path(part).expanduser() for part in raw.split(os.pathsep) if part.strip()]
+
+
+def hf_endpoint() -> str:
+    """`LADLE_HF_ENDPOINT`, else `HF_ENDPOINT`, else `https://huggingface.co` (no trailing /)."""
+    raw = os.environ.get("LADLE_HF_ENDPOINT") or os.environ.get("HF_ENDPOINT")
+    return (raw or DEFAULT_HF_ENDPOINT).rstrip("/")
+
+
+def hf_token() -> str | None:
+    """`LADLE_HF_TOKEN`, else `HF_TOKEN`, else None."""
+    return os.environ.get("LADLE_HF_TOKEN") or os.environ.get("HF_TOKEN") or None
+
+
+def _path(name: str) -> Path | None:
+    raw = os.environ.get(name)
+    return Path(raw).expanduser() if raw else None

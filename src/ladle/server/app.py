@@ -1,0 +1,198 @@
+"""The service's Starlette app: settings, wiring, authentication, and the uvicorn runner.
+
+`create_app` builds one app from `ServerSettings`: a catalog and a cache, the pool of loaded
+models, the OpenAI and Foundry routes over them, `/health` and `/metrics`. `serve` binds the
+socket first (so port 0 means "any free port" and the real one is known before the first
+request), then runs uvicorn until interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ladle.cache import ModelCache
+from ladle.catalog import Catalog
+from ladle.errors import InvalidRequestError, LadleError, ServiceError
+from ladle.server.errors import handle_exception, unauthorized
+from ladle.server.foundry_routes import FoundryRoutes
+from ladle.server.lifecycle import CatalogResolver, ModelPool
+from ladle.server.metrics import Metrics, RequestMetrics
+from ladle.server.openai_routes import OpenAIRoutes
+
+logger = logging.getLogger(__name__)
+
+OPEN_PATHS = ("/health",)  # answered without the API key
+_LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """How one service runs. `ladle serve` and the manager's service starter build this.
+
+    Args:
+        host: interface to bind; loopback unless the user asks otherwise.
+        port: TCP port; 0 lets the OS choose one (`serve` reports it).
+        api_key: when set, every route but `/health` needs `Authorization: Bearer <key>`.
+        cache_dir: the model cache root (None: `LADLE_CACHE_DIR`, else `~/.ladle/models`).
+        default_ttl: seconds a loaded model may stay idle before it is unloaded.
+        max_loaded_models: models loaded at once, at most.
+        memory_budget_mb: estimated memory (file sizes) of all loaded models, at most
+            (None: no limit beyond `max_loaded_models`).
+        catalog_paths: catalog files or folders read besides the built-in catalog.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    api_key: str | None = None
+    cache_dir: Path | None = None
+    default_ttl: float = 600.0
+    max_loaded_models: int = 4
+    memory_budget_mb: int | None = None
+    catalog_paths: tuple[Path, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise InvalidRequestError(f"must be in [0, 65535], got {self.port}", "port")
+        if self.default_ttl <= 0:
+            raise InvalidRequestError(f"must be positive, got {self.default_ttl}", "default_ttl")
+        if self.max_loaded_models < 1:
+            raise InvalidRequestError(
+                f"must be at least 1, got {self.max_loaded_models}", "max_loaded_models"
+            )
+        if self.memory_budget_mb is not None and self.memory_budget_mb <= 0:
+            raise InvalidRequestError(
+                f"must be positive, got {self.memory_budget_mb}", "memory_budget_mb"
+            )
+        if self.api_key == "":
+            raise InvalidRequestError("must not be empty (leave it unset for no key)", "api_key")
+
+    @property
+    def url(self) -> str:
+        """The base URL clients on this machine use, e.g. `http://127.0.0.1:5273`."""
+        host = _LOOPBACK.get(self.host, self.host)  # a wildcard bind is reached on loopback
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+
+def create_app(settings: ServerSettings) -> Starlette:
+    """The service as an ASGI app; models load on demand and unload when the app shuts down."""
+    cache = ModelCache(settings.cache_dir)
+
+    def catalog() -> Catalog:
+        return Catalog.load(extra_paths=settings.catalog_paths)
+
+    catalog()  # a broken catalog file fails now, not at the first request
+    metrics = Metrics()
+    pool = ModelPool(
+        CatalogResolver(catalog, cache),
+        metrics,
+        default_ttl=settings.default_ttl,
+        max_loaded_models=settings.max_loaded_models,
+        memory_budget_mb=settings.memory_budget_mb,
+    )
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def render_metrics(request: Request) -> Response:
+        return PlainTextResponse(
+            metrics.render(pool.stats()), media_type="text/plain; version=0.0.4"
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        pool.start()
+        logger.info("serving on %s (models from %s)", settings.url, cache.root)
+        try:
+            yield
+        finally:
+            await pool.aclose()
+
+    middleware = [Middleware(RequestMetrics, metrics=metrics)]
+    if settings.api_key is not None:
+        middleware.append(Middleware(BearerAuth, api_key=settings.api_key))
+    return Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/metrics", render_metrics, methods=["GET"]),
+            *OpenAIRoutes(pool, metrics, catalog, cache).routes(),
+            *FoundryRoutes(settings.url, catalog, cache, pool).routes(),
+        ],
+        middleware=middleware,
+        exception_handlers={
+            LadleError: handle_exception,
+            HTTPException: handle_exception,
+            Exception: handle_exception,
+        },
+        lifespan=lifespan,
+    )
+
+
+class BearerAuth:
+    """ASGI middleware: every path but `OPEN_PATHS` needs `Authorization: Bearer <api_key>`."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = Headers(scope=scope).get("authorization", "").encode()
+            if not hmac.compare_digest(given, self.expected):  # constant time
+                await unauthorized()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on `host:port` (port 0: any free port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        raise ServiceError(f"cannot listen on {host}:{port}: {e.strerror}") from e
+
+
+def serve(settings: ServerSettings, *, on_ready: Callable[[str], None] | None = None) -> None:
+    """Run the service in the foreground until Ctrl-C or SIGTERM.
+
+    Args:
+        settings: how to run; with `port=0` the OS picks a free port.
+        on_ready: called with the base URL once the service accepts requests.
+    """
+    sock = bind(settings.host, settings.port)
+    settings = replace(settings, port=sock.getsockname()[1])
+    config = uvicorn.Config(
+        create_app(settings), log_config=None, timeout_graceful_shutdown=5, lifespan="on"
+    )
+    asyncio.run(_run(uvicorn.Server(config), sock, settings.url, on_ready))
+
+
+async def _run(
+    server: uvicorn.Server,
+    sock: socket.socket,
+    url: str,
+    on_ready: Callable[[str], None] | None,
+) -> None:
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started and on_ready is not None:
+        on_ready(url)
+    await task

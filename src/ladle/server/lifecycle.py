@@ -1,0 +1,291 @@
+"""Which models are loaded: load on demand, unload after a time-to-live, evict within a budget.
+
+Rules, as `ModelPool` applies them:
+- A request names a model by id or alias; a cached model that is not loaded is loaded first.
+  Concurrent first requests share one load.
+- Each loaded model has a TTL (the service default, or `?ttl=` on `/openai/load`); a background
+  task unloads a model once it has been idle (no request in flight) for that long.
+- Loading stays within `max_loaded_models` and `memory_budget_mb` (a model's memory is
+  estimated from its file size): the least recently used idle models are unloaded first. If
+  only busy models stand in the way, the load fails with `CapacityError` (503) rather than
+  waiting, so no request hangs on another's stream.
+- `unload(force=True)` closes the model at once: its requests in flight end with
+  `EngineClosedError`, which streams report as an error event. Without `force`, unloading a
+  model with requests in flight is refused with `ModelBusyError` (409) and the model stays;
+  the caller can retry when they finish or force it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ladle.builders import TextModelBuilder
+from ladle.cache import ModelCache
+from ladle.catalog import Catalog
+from ladle.errors import ModelNotFoundError
+from ladle.model import AsyncModel
+from ladle.server.errors import CapacityError, ModelBusyError
+from ladle.server.metrics import LoadedModelStats, Metrics
+
+logger = logging.getLogger(__name__)
+
+MB = 1 << 20
+TTL_CHECK_INTERVAL = 1.0  # seconds between looks for models idle past their TTL
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    """A model the service can load: its id, the path the engine reads, its size on disk."""
+
+    model_id: str
+    path: Path
+    size_bytes: int
+
+
+class CatalogResolver:
+    """Names to loadable models: an alias or id of a catalog entry whose files are in the cache,
+    or of a registered local model. The catalog is read afresh each time (it is small), so
+    entries added while the service runs are found."""
+
+    def __init__(self, catalog: Callable[[], Catalog], cache: ModelCache) -> None:
+        self.catalog = catalog
+        self.cache = cache
+
+    def __call__(self, name: str) -> ModelSource:
+        entry = self.catalog().get(name, cached_ids=self.cache.cached_ids())
+        if not self.cache.is_cached(entry):
+            raise ModelNotFoundError(
+                name,
+                f"{entry.id} is in the catalog but not downloaded; download it first "
+                "(No OpenAIService provider found for modelName)",  # what Foundry's SDK matches
+            )
+        path = self.cache.model_path(entry)
+        return ModelSource(entry.id, path, _disk_size(path))
+
+
+@dataclass(eq=False, slots=True)
+class Resident:
+    """A loaded model and what the pool tracks about it."""
+
+    model_id: str
+    model: AsyncModel
+    size_bytes: int
+    ttl: float | None  # idle seconds before unloading; None keeps it loaded
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    active: int = 0  # requests in flight
+
+    def is_expired(self, now: float) -> bool:
+        return self.active == 0 and self.ttl is not None and now - self.last_used >= self.ttl
+
+
+class Lease:
+    """One request's hold on a loaded model; while held, the model is not evicted or expired."""
+
+    def __init__(self, resident: Resident) -> None:
+        self.resident = resident
+        self.model = resident.model
+        self._held = True
+        resident.active += 1
+        resident.last_used = time.monotonic()
+
+    def release(self) -> None:
+        """Give the model back (idempotent: streams release early, then again in `finally`)."""
+        if self._held:
+            self._held = False
+            self.resident.active -= 1
+            self.resident.last_used = time.monotonic()
+
+
+class ModelPool:
+    """The loaded models of one service.
+
+    Args:
+        resolve: maps a requested name to a `ModelSource`; raises `ModelNotFoundError`.
+        metrics: where load times are recorded.
+        default_ttl: seconds a model loaded on demand may stay idle.
+        max_loaded_models: how many models may be loaded at once.
+        memory_budget_mb: estimated memory all loaded models may use together (None: no limit).
+    """
+
+    def __init__(
+        self,
+        resolve: Callable[[str], ModelSource],
+        metrics: Metrics,
+        *,
+        default_ttl: float,
+        max_loaded_models: int,
+        memory_budget_mb: int | None,
+    ) -> None:
+        self._resolve = resolve
+        self._metrics = metrics
+        self.default_ttl = default_ttl
+        self._max_models = max_loaded_models
+        self._budget = None if memory_budget_mb is None else memory_budget_mb * MB
+        self._loaded: dict[str, Resident] = {}
+        self._loading: dict[str, asyncio.Task[Resident]] = {}
+        self._reserved: dict[str, int] = {}  # bytes of loads in progress
+        self._lock = asyncio.Lock()  # capacity decisions and unloads, one at a time
+        self._expiry: asyncio.Task[None] | None = None
+
+    # ---- lifetime of the pool
+
+    def start(self) -> None:
+        self._expiry = asyncio.create_task(self._expire_loop(), name="ladle-ttl")
+
+    async def aclose(self) -> None:
+        """Stop the TTL task and unload every model."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry
+        async with self._lock:
+            for resident in list(self._loaded.values()):
+                await self._close(resident)
+
+    # ---- queries
+
+    def loaded_ids(self) -> list[str]:
+        return list(self._loaded)
+
+    def residents(self) -> list[Resident]:
+        return list(self._loaded.values())
+
+    def stats(self) -> list[LoadedModelStats]:
+        return [LoadedModelStats(r.model_id, r.size_bytes, r.active) for r in self.residents()]
+
+    # ---- requests
+
+    async def acquire(self, name: str) -> Lease:
+        """Hold the model `name` names, loading it first if needed."""
+        while True:
+            resident = self._loaded.get(name)
+            if resident is None:
+                resident = await self._ensure_loaded(self._resolve(name), self.default_ttl)
+            if self._loaded.get(resident.model_id) is resident:  # not evicted meanwhile
+                return Lease(resident)
+
+    @contextlib.asynccontextmanager
+    async def use(self, name: str) -> AsyncIterator[AsyncModel]:
+        """`async with pool.use(name) as model:` for a request that returns one response."""
+        lease = await self.acquire(name)
+        try:
+            yield lease.model
+        finally:
+            lease.release()
+
+    # ---- management
+
+    async def load(self, name: str, ttl: float | None) -> Resident:
+        """Load `name` (if needed) and set its TTL; `ttl=None` keeps it loaded until unloaded."""
+        source = self._resolve(name)
+        resident = self._loaded.get(source.model_id)
+        if resident is None:
+            resident = await self._ensure_loaded(source, ttl)
+        resident.ttl = ttl
+        resident.last_used = time.monotonic()
+        return resident
+
+    async def unload(self, name: str, *, force: bool) -> bool:
+        """Unload `name`; False if it was not loaded. See the module docstring for `force`."""
+        model_id = name if name in self._loaded else self._resolve(name).model_id
+        async with self._lock:
+            resident = self._loaded.get(model_id)
+            if resident is None:
+                return False
+            if resident.active and not force:
+                raise ModelBusyError(
+                    f"model {model_id!r} has {resident.active} request(s) in flight; "
+                    "retry when they finish, or unload with force=true to end them"
+                )
+            await self._close(resident)
+            return True
+
+    # ---- internals
+
+    async def _ensure_loaded(self, source: ModelSource, ttl: float | None) -> Resident:
+        resident = self._loaded.get(source.model_id)
+        if resident is not None:
+            return resident
+        task = self._loading.get(source.model_id)
+        if task is None:
+            task = asyncio.create_task(self._load(source, ttl), name=f"load {source.model_id}")
+            self._loading[source.model_id] = task
+            task.add_done_callback(lambda _: self._loading.pop(source.model_id, None))
+        return await asyncio.shield(task)  # a caller that goes away does not cancel the load
+
+    async def _load(self, source: ModelSource, ttl: float | None) -> Resident:
+        async with self._lock:
+            await self._make_room(source)
+            self._reserved[source.model_id] = source.size_bytes
+        try:
+            logger.info("loading %s from %s", source.model_id, source.path)
+            started = time.perf_counter()
+            builder = TextModelBuilder(source.path).with_model_id(source.model_id)
+            model = await builder.build_async()
+            seconds = time.perf_counter() - started
+            logger.info("loaded %s in %.1fs", source.model_id, seconds)
+            self._metrics.observe_load(source.model_id, seconds)
+        finally:
+            del self._reserved[source.model_id]
+        resident = Resident(source.model_id, model, source.size_bytes, ttl)
+        self._loaded[source.model_id] = resident
+        return resident
+
+    async def _make_room(self, source: ModelSource) -> None:
+        """Unload idle models, least recently used first, until `source` fits."""
+        need = source.size_bytes
+        if self._budget is not None and need > self._budget:
+            raise CapacityError(
+                f"model {source.model_id!r} needs about {need // MB} MB, more than the "
+                f"service's memory budget of {self._budget // MB} MB (memory_budget_mb)"
+            )
+        while not self._fits(need):
+            idle = [r for r in self._loaded.values() if r.active == 0]
+            if not idle:
+                raise CapacityError(
+                    f"cannot load {source.model_id!r}: the loaded models are all serving "
+                    f"requests (max_loaded_models={self._max_models}, memory budget "
+                    f"{'unlimited' if self._budget is None else f'{self._budget // MB} MB'}); "
+                    "retry shortly"
+                )
+            victim = min(idle, key=lambda r: r.last_used)
+            logger.info("evicting %s to make room for %s", victim.model_id, source.model_id)
+            await self._close(victim)
+
+    def _fits(self, need: int) -> bool:
+        count = len(self._loaded) + len(self._reserved)
+        used = sum(r.size_bytes for r in self._loaded.values()) + sum(self._reserved.values())
+        within_budget = self._budget is None or used + need <= self._budget
+        return count < self._max_models and within_budget
+
+    async def _close(self, resident: Resident) -> None:
+        """Forget and stop a model; its requests in flight end with `EngineClosedError`."""
+        if self._loaded.get(resident.model_id) is resident:
+            del self._loaded[resident.model_id]
+        logger.info("unloading %s", resident.model_id)
+        await resident.model.aclose()
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TTL_CHECK_INTERVAL)
+            now = time.monotonic()
+            for resident in [r for r in self._loaded.values() if r.is_expired(now)]:
+                async with self._lock:
+                    still_loaded = self._loaded.get(resident.model_id) is resident
+                    if still_loaded and resident.is_expired(time.monotonic()):
+                        logger.info("%s idle for %.0fs (ttl)", resident.model_id, resident.ttl)
+                        await self._close(resident)
+
+
+def _disk_size(path: Path) -> int:
+    """Bytes of a model file, or of every file in a model folder: the memory estimate."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -1,0 +1,211 @@
+"""OpenAI's routes: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+
+Each handler validates the body (`parse_body`), takes a lease on the model from the pool, and
+calls the `AsyncModel` API; nothing here touches the engine. A stream is opened and its first
+chunk awaited before the response starts, so a bad request is still a plain 400; after that an
+error can only be an SSE `data: {"error": ...}` event, after which the stream closes without
+`[DONE]`. A client that hangs up cancels the handler's task, which closes the model's stream
+and so frees the sequence in the engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from pathlib import Path
+from typing import cast
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from ladle.cache import ModelCache
+from ladle.catalog import Catalog
+from ladle.model import AsyncModel
+from ladle.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    StreamOptions,
+    parse_body,
+)
+from ladle.server.errors import to_error
+from ladle.server.lifecycle import Lease, ModelPool
+from ladle.server.metrics import Metrics
+
+Chunk = ChatCompletionChunk | CompletionResponse
+
+
+class OpenAIRoutes:
+    def __init__(
+        self,
+        pool: ModelPool,
+        metrics: Metrics,
+        catalog: Callable[[], Catalog],
+        cache: ModelCache,
+    ) -> None:
+        self.pool = pool
+        self.metrics = metrics
+        self.catalog = catalog
+        self.cache = cache
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+        ]
+
+    async def chat_completions(self, request: Request) -> Response:
+        req = parse_body(ChatCompletionRequest, await request.body())
+        if req.stream:
+            wants_usage = bool(req.stream_options and req.stream_options.include_usage)
+            # usage is always asked of the model, for the metrics; dropped if not wanted
+            counted = req.model_copy(update={"stream_options": StreamOptions(include_usage=True)})
+            return await self._stream(
+                req.model, lambda m: m.stream_chat_request(counted), wants_usage
+            )
+        async with self.pool.use(req.model) as model:
+            response = await model.send_chat_request(req)
+        usage = response.usage
+        self.metrics.observe_tokens(response.model, usage.prompt_tokens, usage.completion_tokens)
+        return _json(response.model_dump_json())
+
+    async def completions(self, request: Request) -> Response:
+        req = parse_body(CompletionRequest, await request.body())
+        if req.stream:
+            return await self._stream(req.model, lambda m: m.stream_completion_request(req), False)
+        async with self.pool.use(req.model) as model:
+            response = await model.send_completion_request(req)
+        if response.usage is not None:
+            usage = response.usage
+            self.metrics.observe_tokens(
+                response.model, usage.prompt_tokens, usage.completion_tokens
+            )
+        return _json(response.model_dump_json())
+
+    async def models(self, request: Request) -> Response:
+        """The models this service can serve now: the loaded ones, then the rest of the cache
+        (and registered local models)."""
+        entries = {e.id: e for e in self.catalog().entries()}
+
+        def owner(model_id: str) -> str:
+            entry = entries.get(model_id)
+            return entry.publisher if entry is not None and entry.publisher else "ladle"
+
+        cards = {
+            r.model_id: ModelCard(
+                id=r.model_id, created=int(r.loaded_at), owned_by=owner(r.model_id)
+            )
+            for r in self.pool.residents()
+        }
+        for entry in entries.values():
+            if entry.id not in cards and self.cache.is_cached(entry):
+                created = _mtime(self.cache.model_path(entry))
+                cards[entry.id] = ModelCard(id=entry.id, created=created, owned_by=owner(entry.id))
+        return _json(ModelList(data=list(cards.values())).model_dump_json())
+
+    async def _stream(
+        self, name: str, open_stream: Callable[[AsyncModel], AsyncIterator[Chunk]], usage: bool
+    ) -> Response:
+        meter = _StreamMeter(self.metrics, time.perf_counter(), usage)
+        lease = await self.pool.acquire(name)
+        try:
+            stream = open_stream(lease.model)
+            first = await anext(stream, None)  # validates the request before headers are sent
+        except BaseException:
+            lease.release()
+            raise
+        events = _sse(cast(AsyncGenerator[Chunk, None], stream), first, lease, meter)
+        return ClosingStreamingResponse(events, media_type="text/event-stream")
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A streaming response that closes its generator however the response ends.
+
+    When a client hangs up while a chunk is being sent, Starlette abandons the generator at its
+    `yield`, leaving its `finally` to the garbage collector; closing it here runs that `finally`
+    (which releases the model and aborts the request) at once.
+    """
+
+    def __init__(self, content: AsyncGenerator[bytes | str, None], media_type: str) -> None:
+        super().__init__(content, media_type=media_type)
+        self._content = content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._content.aclose()
+
+
+class _StreamMeter:
+    """Time to first token and token counts of one stream, and which chunks the client gets."""
+
+    def __init__(self, metrics: Metrics, started: float, wants_usage: bool) -> None:
+        self.metrics = metrics
+        self.started = started
+        self.wants_usage = wants_usage
+        self.model = ""
+        self.tokens = 0  # chunks that carried a token
+        self.prompt_tokens: int | None = None
+
+    def see(self, chunk: Chunk) -> Chunk | None:
+        """Record `chunk`; return what to send (None drops a usage chunk nobody asked for)."""
+        self.model = chunk.model
+        if chunk.usage is not None and not chunk.choices:
+            self.prompt_tokens = chunk.usage.prompt_tokens
+            self.tokens = chunk.usage.completion_tokens
+            return chunk if self.wants_usage else None
+        if _carries_token(chunk):
+            if self.tokens == 0:
+                self.metrics.observe_first_token(chunk.model, time.perf_counter() - self.started)
+            self.tokens += 1
+        return chunk
+
+    def close(self) -> None:
+        if self.model:
+            self.metrics.observe_tokens(self.model, self.prompt_tokens or 0, self.tokens)
+
+
+def _carries_token(chunk: Chunk) -> bool:
+    if isinstance(chunk, ChatCompletionChunk):
+        return any(c.delta.content or c.finish_reason for c in chunk.choices)
+    return bool(chunk.choices)
+
+
+async def _sse(
+    stream: AsyncGenerator[Chunk, None], first: Chunk | None, lease: Lease, meter: _StreamMeter
+) -> AsyncGenerator[bytes | str, None]:
+    try:
+        chunk = first
+        while chunk is not None:
+            sent = meter.see(chunk)
+            if sent is not None:
+                yield _event(sent.model_dump_json())
+            chunk = await anext(stream, None)
+        lease.release()  # before [DONE]: a client that reads it and unloads finds the model idle
+        yield b"data: [DONE]\n\n"
+    except Exception as e:  # the headers are sent: the error can only be an event
+        _, body = to_error(e)
+        yield _event(body.model_dump_json())
+    finally:
+        lease.release()
+        meter.close()
+        await stream.aclose()  # if we stopped early, the model's stream aborts its request
+
+
+def _event(data: str) -> bytes:
+    return f"data: {data}\n\n".encode()
+
+
+def _json(body: str) -> Response:
+    return Response(body, media_type="application/json")
+
+
+def _mtime(path: Path) -> int:
+    return int(path.stat().st_mtime)
