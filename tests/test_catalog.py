@@ -88,6 +88,7 @@ def test_alias_picks_cuda_before_cpu_and_a_cached_variant_first() -> None:
     catalog = Catalog.load()
     assert catalog.get("qwen2.5-0.5b", cuda=True).id == QWEN_CUDA
     assert catalog.get("qwen2.5-0.5b", cuda=False).id == QWEN_CPU
+    assert catalog.get("qwen2.5-0.5b").id == QWEN_CPU  # the engine runs on the CPU only
     assert catalog.get("QWEN2.5-0.5B ", cuda=False).id == QWEN_CPU
     assert catalog.get("qwen2.5-0.5b", cuda=True, cached_ids={QWEN_CPU}).id == QWEN_CPU
     assert catalog.get("qwen2.5-0.5b", cuda=False, cached_ids={QWEN_CUDA}).id == QWEN_CPU

@@ -219,3 +219,13 @@ def test_closed_model_refuses_requests(smollm2_path: Path) -> None:
     m.close()
     with pytest.raises(EngineClosedError):
         m.chat("hello")
+
+
+def test_completion_stream_matches_and_reports_usage(model: Model) -> None:
+    request = {"prompt": "Counting: one, two,", "max_tokens": 6, "temperature": 0}
+    whole = model.send_completion_request(request)
+    chunks = list(
+        model.stream_completion_request({**request, "stream_options": {"include_usage": True}})
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage

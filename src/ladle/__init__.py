@@ -8,12 +8,23 @@ print(model.chat("Hello!"))
 from ladle.builders import GgufModelBuilder, TextModelBuilder
 from ladle.errors import (
     ContextLengthError,
+    DownloadError,
     EngineClosedError,
     InvalidRequestError,
     LadleError,
     ModelLoadError,
+    ModelNotFoundError,
+    ServiceError,
     UnsupportedArchitectureError,
     UnsupportedTensorTypeError,
+)
+from ladle.manager import (
+    AsyncFoundryLocalManager,
+    DeviceType,
+    ExecutionProvider,
+    FoundryLocalManager,
+    FoundryModelInfo,
+    ModelRuntime,
 )
 from ladle.messages import RequestBuilder, TextMessageRole, TextMessages
 from ladle.model import AsyncModel, Model
@@ -29,6 +40,7 @@ from ladle.protocol import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncFoundryLocalManager",
     "AsyncModel",
     "ChatCompletionChunk",
     "ChatCompletionRequest",
@@ -36,14 +48,22 @@ __all__ = [
     "CompletionRequest",
     "CompletionResponse",
     "ContextLengthError",
+    "DeviceType",
+    "DownloadError",
     "EngineClosedError",
+    "ExecutionProvider",
+    "FoundryLocalManager",
+    "FoundryModelInfo",
     "GgufModelBuilder",
     "InvalidRequestError",
     "LadleError",
     "Model",
     "ModelInfo",
     "ModelLoadError",
+    "ModelNotFoundError",
+    "ModelRuntime",
     "RequestBuilder",
+    "ServiceError",
     "TextMessageRole",
     "TextMessages",
     "TextModelBuilder",

@@ -23,11 +23,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
 from filelock import FileLock
 
 from ladle import envconfig
 from ladle.cache import ModelCache
+from ladle.devices import runnable_device_types
 from ladle.download import SOURCE_SCHEMES, download_model, file_uri_path
 from ladle.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
 
@@ -262,7 +262,8 @@ class Catalog:
         A full id (`name:version`) selects exactly; a name without version takes its highest
         version; an alias takes the best variant this machine runs: a cached one (or a
         registered local model) first, then CUDA before CPU, then the highest version.
-        `cuda=None` asks torch whether CUDA is available. Matching ignores case.
+        `cuda=None` asks `ladle.devices` whether the engine runs GPU variants here.
+        Matching ignores case.
         """
         key = alias_or_id.strip().casefold()
         if entry := self._entries.get(key):
@@ -270,7 +271,7 @@ class Catalog:
         same_name = [e for e in self._entries.values() if e.name.casefold() == key]
         if same_name:
             return max(same_name, key=lambda e: e.version)
-        has_cuda = torch.cuda.is_available() if cuda is None else cuda
+        has_cuda = "GPU" in runnable_device_types() if cuda is None else cuda
         variants = [
             e
             for e in self._entries.values()

@@ -189,7 +189,9 @@ def _add_serve(sub: Any) -> None:
     serve.add_argument("--host", default=service.DEFAULT_HOST, help="interface to bind")
     serve.add_argument("--port", type=int, default=0, help="TCP port (default: a free one)")
     serve.add_argument(
-        "--api-key", default=None, help=f"require this Bearer key (default: ${service.API_KEY_ENV})"
+        "--api-key",
+        default=None,
+        help=f"require this Bearer key (default: ${envconfig.API_KEY_VAR})",
     )
     serve.add_argument("--ttl", type=float, default=600.0, help="idle seconds before unloading")
     _cache_dir_option(serve)
@@ -201,7 +203,7 @@ def _serve(args: argparse.Namespace) -> int:
     # uvicorn re-raises SIGTERM once it has shut down: leave through `finally` blocks instead
     signal.signal(signal.SIGTERM, _exit_quietly)
     cache_dir = args.cache_dir or envconfig.cache_dir()
-    api_key = args.api_key or service.api_key_from_env()
+    api_key = args.api_key or envconfig.api_key()
     settings = ServerSettings(
         host=args.host, port=args.port, api_key=api_key, cache_dir=cache_dir, default_ttl=args.ttl
     )

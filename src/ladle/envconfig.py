@@ -5,6 +5,8 @@
     LADLE_CATALOG_PATH  extra catalog files or folders of *.json, separated by os.pathsep
     LADLE_HF_ENDPOINT   the Hugging Face hub's base URL (else HF_ENDPOINT, else huggingface.co)
     LADLE_HF_TOKEN      a hub token for gated models (else HF_TOKEN)
+    LADLE_API_KEY       the Bearer key the service requires; how `ladle service start` hands
+                        it to the process it spawns (never on the command line)
 
 Each is read when asked for, not at import, so a test or a long-running service sees a change.
 The `HF_*` fallbacks are the hub's own variables, honoured so an existing setup just works.
@@ -16,6 +18,7 @@ import os
 from pathlib import Path
 
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+API_KEY_VAR = "LADLE_API_KEY"
 
 
 def home() -> Path:
@@ -43,6 +46,11 @@ def hf_endpoint() -> str:
 def hf_token() -> str | None:
     """`LADLE_HF_TOKEN`, else `HF_TOKEN`, else None."""
     return os.environ.get("LADLE_HF_TOKEN") or os.environ.get("HF_TOKEN") or None
+
+
+def api_key() -> str | None:
+    """`LADLE_API_KEY`, else None (no key required)."""
+    return os.environ.get(API_KEY_VAR) or None
 
 
 def _path(name: str) -> Path | None:

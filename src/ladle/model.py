@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import queue
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from ladle.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    CompletionRequest,
     CompletionResponse,
     new_id,
     now,
@@ -109,11 +110,11 @@ class Model:
     def stream_completion_request(self, request: CompletionInput) -> Iterator[CompletionResponse]:
         """Yield text completion chunks as tokens are generated."""
         core = self._core
-        _, prompt, params = core.prepare_completion(request)
-        return self._stream_completion(prompt, params)
+        req, prompt, params = core.prepare_completion(request)
+        return self._stream_completion(req, prompt, params)
 
     def _stream_completion(
-        self, prompt: list[int], params: SamplingParams
+        self, req: CompletionRequest, prompt: list[int], params: SamplingParams
     ) -> Iterator[CompletionResponse]:
         core, rid, created = self._core, new_id("cmpl"), now()
         acc = Accumulator(params.n, core.tokenizer, len(prompt))
@@ -121,6 +122,8 @@ class Model:
             logprob = acc.add(event)
             if event.text or event.finish_reason or logprob:
                 yield completion_chunk(rid, created, core.model_id, event, logprob)
+        if req.stream_options and req.stream_options.include_usage:
+            yield core.completion_usage_chunk(rid, created, acc)
 
     def send_raw_chat_request(self, request: ChatInput) -> tuple[torch.Tensor, list[int]]:
         """The logits of the first generated token (float32 `[vocab]`) and the prompt ids."""
@@ -206,7 +209,9 @@ class AsyncModel:
             acc.add(event)
         return acc.chat_response(new_id("chatcmpl"), now(), core.model_id, req.logprobs)
 
-    async def stream_chat_request(self, request: ChatInput) -> AsyncIterator[ChatCompletionChunk]:
+    async def stream_chat_request(
+        self, request: ChatInput
+    ) -> AsyncGenerator[ChatCompletionChunk, None]:
         core, rid, created = self._core, new_id("chatcmpl"), now()
         req, prompt, params = core.prepare_chat(request)
         acc = Accumulator(params.n, core.tokenizer, len(prompt))
@@ -232,14 +237,16 @@ class AsyncModel:
 
     async def stream_completion_request(
         self, request: CompletionInput
-    ) -> AsyncIterator[CompletionResponse]:
+    ) -> AsyncGenerator[CompletionResponse, None]:
         core, rid, created = self._core, new_id("cmpl"), now()
-        _, prompt, params = core.prepare_completion(request)
+        req, prompt, params = core.prepare_completion(request)
         acc = Accumulator(params.n, core.tokenizer, len(prompt))
         async for event in self._events(prompt, params, continues_prompt=True):
             logprob = acc.add(event)
             if event.text or event.finish_reason or logprob:
                 yield completion_chunk(rid, created, core.model_id, event, logprob)
+        if req.stream_options and req.stream_options.include_usage:
+            yield core.completion_usage_chunk(rid, created, acc)
 
     async def send_raw_chat_request(self, request: ChatInput) -> tuple[torch.Tensor, list[int]]:
         core = self._core
@@ -286,7 +293,7 @@ class AsyncModel:
 
     async def _events(
         self, prompt: list[int], params: SamplingParams, continues_prompt: bool = False
-    ) -> AsyncIterator[TokenEvent]:
+    ) -> AsyncGenerator[TokenEvent, None]:
         sink = _AsyncSink()
         handle = self._core.engine.submit(prompt, params, sink, continues_prompt=continues_prompt)
         finished = 0

@@ -21,6 +21,7 @@ from ladle.protocol import (
     ChatCompletionRequest,
     ChunkChoice,
     CompletionRequest,
+    CompletionResponse,
     Delta,
     parse_request,
 )
@@ -189,6 +190,13 @@ class ModelCore:
 
     def usage_chunk(self, rid: str, created: int, acc: Accumulator) -> ChatCompletionChunk:
         return ChatCompletionChunk(
+            id=rid, created=created, model=self.model_id, choices=[], usage=acc.usage()
+        )
+
+    def completion_usage_chunk(
+        self, rid: str, created: int, acc: Accumulator
+    ) -> CompletionResponse:
+        return CompletionResponse(
             id=rid, created=created, model=self.model_id, choices=[], usage=acc.usage()
         )
 

@@ -37,7 +37,6 @@ from ladle.errors import ServiceError
 logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
-API_KEY_ENV = "LADLE_API_KEY"  # how a background service receives its key: never on argv
 START_TIMEOUT = 120.0  # importing torch and binding take seconds on a cold laptop
 STOP_TIMEOUT = 15.0
 _POLL = 0.1
@@ -89,11 +88,6 @@ def state_file(cache_dir: Path) -> Path:
 def log_file(cache_dir: Path) -> Path:
     """Where a background service for `cache_dir` writes its output."""
     return state_file(cache_dir).with_suffix(".log")
-
-
-def api_key_from_env() -> str | None:
-    """`LADLE_API_KEY`: how `ladle service start` hands its key to the service it spawns."""
-    return os.environ.get(API_KEY_ENV) or None
 
 
 def find(cache_dir: Path | None = None) -> ServiceState | None:
@@ -225,7 +219,7 @@ def _spawn(port: int, cache_dir: Path, api_key: str | None, log: Path) -> int:
     ]
     env = dict(os.environ)
     if api_key:  # else the service takes `LADLE_API_KEY` from the environment, if set
-        env[API_KEY_ENV] = api_key
+        env[envconfig.API_KEY_VAR] = api_key
     launcher = subprocess.run(
         [sys.executable, "-c", _LAUNCHER, str(log), *command],
         env=env,

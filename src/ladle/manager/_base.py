@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import torch
 from pydantic import ValidationError
 
 from ladle import service
+from ladle.devices import runnable_device_types
 from ladle.errors import DownloadError, ModelNotFoundError, ServiceError
 from ladle.manager._models import ExecutionProvider, FoundryModelInfo
 from ladle.protocol import FoundryDownloadResult, FoundryStatus
@@ -179,8 +179,8 @@ class DownloadReader:
 
 
 def runnable_providers() -> frozenset[ExecutionProvider]:
-    """The execution providers ladle's engine runs here: the CPU, and CUDA when torch has it."""
-    if torch.cuda.is_available():
+    """The execution providers ladle's engine runs here (see `ladle.devices`)."""
+    if "GPU" in runnable_device_types():
         return frozenset({ExecutionProvider.CPU, ExecutionProvider.CUDA})
     return frozenset({ExecutionProvider.CPU})
 

@@ -11,9 +11,8 @@ and so frees the sequence in the engine.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
-from typing import cast
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -78,7 +77,11 @@ class OpenAIRoutes:
     async def completions(self, request: Request) -> Response:
         req = parse_body(CompletionRequest, await request.body())
         if req.stream:
-            return await self._stream(req.model, lambda m: m.stream_completion_request(req), False)
+            wants_usage = bool(req.stream_options and req.stream_options.include_usage)
+            counted = req.model_copy(update={"stream_options": StreamOptions(include_usage=True)})
+            return await self._stream(
+                req.model, lambda m: m.stream_completion_request(counted), wants_usage
+            )
         async with self.pool.use(req.model) as model:
             response = await model.send_completion_request(req)
         if response.usage is not None:
@@ -110,7 +113,10 @@ class OpenAIRoutes:
         return _json(ModelList(data=list(cards.values())).model_dump_json())
 
     async def _stream(
-        self, name: str, open_stream: Callable[[AsyncModel], AsyncIterator[Chunk]], usage: bool
+        self,
+        name: str,
+        open_stream: Callable[[AsyncModel], AsyncGenerator[Chunk, None]],
+        usage: bool,
     ) -> Response:
         meter = _StreamMeter(self.metrics, time.perf_counter(), usage)
         lease = await self.pool.acquire(name)
@@ -120,7 +126,7 @@ class OpenAIRoutes:
         except BaseException:
             lease.release()
             raise
-        events = _sse(cast(AsyncGenerator[Chunk, None], stream), first, lease, meter)
+        events = _sse(stream, first, lease, meter)
         return ClosingStreamingResponse(events, media_type="text/event-stream")
 
 
