@@ -14,7 +14,7 @@ from typing import Self
 
 import torch
 
-from ladle.engine.loader import load_model
+from ladle.engine.loader import LoadedModel, load_model
 from ladle.errors import InvalidRequestError, ModelLoadError
 from ladle.model import AsyncModel, Model
 from ladle.model_core import ModelCore
@@ -97,16 +97,19 @@ class _Builder:
         return self
 
     def _core(self) -> ModelCore:
+        return ModelCore.start(
+            self._load, self.model_id or self.path.name, self.max_num_seqs, self.max_seq_len
+        )
+
+    def _load(self) -> LoadedModel:
         if self.num_threads is not None:
             torch.set_num_threads(self.num_threads)
-        loaded = load_model(
+        return load_model(
             self.path,
             dtype=self.dtype,
             chat_template=self.chat_template,
             tokenizer_path=self.tokenizer_path,
         )
-        model_id = self.model_id or self.path.name
-        return ModelCore(loaded, model_id, self.max_num_seqs, self.max_seq_len)
 
     def build(self) -> Model:
         """Load the model and start its engine."""

@@ -62,8 +62,16 @@ class LLMEngine:
         self._aborted: set[int] = set()
         self._cv = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="ladle-engine", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+
+    def serve(self) -> None:
+        """Serve requests on the calling thread until `close`.
+
+        The thread that loaded the model should be the one to call this (`ModelCore.start`
+        arranges it): all of a model's torch work then happens on one thread.
+        """
+        self._thread = threading.current_thread()
+        self._loop()
 
     # ------------------------------------------------------------ public, any thread
 
@@ -139,8 +147,9 @@ class LLMEngine:
         with self._cv:
             self._closed = True
             self._cv.notify()
-        if threading.current_thread() is not self._thread:
-            self._thread.join()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
     # ------------------------------------------------------------ engine thread
 
