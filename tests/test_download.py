@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-import ladle.download
+import ladle.transfer
 from ladle.cache import ModelCache
 from ladle.catalog import Catalog, CatalogEntry
 from ladle.download import DownloadProgress, download_model, fetch
@@ -111,7 +111,7 @@ def server() -> Iterator[FileServer]:
 
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ladle.download, "RETRY_DELAY", 0.01)
+    monkeypatch.setattr(ladle.transfer, "RETRY_DELAY", 0.01)
 
 
 def make_entry(files: list[dict[str, Any]], model_id: str = "tiny-generic-cpu:1") -> CatalogEntry:
