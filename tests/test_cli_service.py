@@ -212,3 +212,22 @@ def test_stop_then_status_says_none_runs(port: int, capsys: pytest.CaptureFixtur
     assert (code, out) == (1, "Model management service is not running.\n")
     code, out, _ = run(capsys, "service", "stop")
     assert (code, out) == (0, "Model management service is not running.\n")
+
+
+def test_register_a_local_file_and_run_it_by_alias(
+    home: Path, smollm2_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "model", "register", "my-smol", str(smollm2_path))
+    assert code == 0 and out == f"Registered my-smol-local:1 -> {smollm2_path.resolve()}\n"
+    code, out, _ = run(capsys, "model", "list", "--json")
+    listed = {e["alias"]: e for e in json.loads(out)}
+    assert listed["my-smol"]["cached"] is True  # a local model is used in place
+    args = ("run", "my-smol", "Hi", "--temperature", "0", "--max-tokens", "4")
+    code, by_alias, _ = run(capsys, *args)
+    code_path, by_path, _ = run(capsys, "run", str(smollm2_path), *args[2:])
+    assert code == code_path == 0 and by_alias == by_path and by_alias.strip()
+    assert run(capsys, "model", "unregister", "my-smol")[:2] == (0, "Unregistered my-smol\n")
+    code, _, err = run(capsys, "model", "unregister", "my-smol")
+    assert code == 1 and "my-smol" in err
+    code, _, err = run(capsys, "model", "register", "bad alias!", str(smollm2_path))
+    assert code == 1 and "alias" in err

@@ -1,0 +1,46 @@
+"""The `ladle` command line. Only this package prints; everything else returns or logs.
+
+ladle run [MODEL] [PROMPT]                     chat in the terminal, or answer one prompt (run.py)
+ladle serve                                    run the service in the foreground (serve.py)
+ladle service start|stop|restart|status|ps     manage the background service (serve.py)
+ladle model list|info|download|load|unload     the catalog, and models in the service (models.py)
+ladle model register|unregister                local model files under an alias (models.py)
+ladle cache list|location|remove               the downloaded models (models.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ladle.cli.models import add_cache, add_model
+from ladle.cli.run import add_run
+from ladle.cli.serve import add_serve, add_service
+from ladle.errors import LadleError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        (getattr(args, "group_parser", None) or parser).print_help()
+        return 2
+    try:
+        return int(args.func(args))
+    except (LadleError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ladle", description="Run local AI models.")
+    sub = parser.add_subparsers(dest="command")
+    add_run(sub)
+    add_serve(sub)
+    add_service(sub)
+    add_model(sub)
+    add_cache(sub)
+    return parser
