@@ -5,7 +5,7 @@ model = TextModelBuilder("SmolLM2-135M-Instruct.Q4_1.gguf").build()
 print(model.chat("Hello!"))
 """
 
-from ladle.builders import GgufModelBuilder, TextModelBuilder
+from ladle.builders import EmbeddingModelBuilder, GgufModelBuilder, TextModelBuilder
 from ladle.errors import (
     ContextLengthError,
     DownloadError,
@@ -26,7 +26,12 @@ from ladle.manager import (
     FoundryModelInfo,
     ModelRuntime,
 )
-from ladle.messages import RequestBuilder, TextMessageRole, TextMessages
+from ladle.messages import (
+    EmbeddingRequestBuilder,
+    RequestBuilder,
+    TextMessageRole,
+    TextMessages,
+)
 from ladle.model import AsyncModel, Model
 from ladle.model_core import ModelInfo
 from ladle.protocol import (
@@ -35,6 +40,8 @@ from ladle.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
 )
 
 __version__ = "0.1.0"
@@ -50,6 +57,10 @@ __all__ = [
     "ContextLengthError",
     "DeviceType",
     "DownloadError",
+    "EmbeddingModelBuilder",
+    "EmbeddingRequest",
+    "EmbeddingRequestBuilder",
+    "EmbeddingResponse",
     "EngineClosedError",
     "ExecutionProvider",
     "FoundryLocalManager",

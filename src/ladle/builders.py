@@ -1,4 +1,5 @@
-"""Model builders with mistral.rs's names: `TextModelBuilder` and `GgufModelBuilder`.
+"""Model builders with mistral.rs's names: `TextModelBuilder`, `GgufModelBuilder` and
+`EmbeddingModelBuilder`.
 
 A builder collects options with chained `with_*` calls and loads on `build()` (blocking,
 returns `Model`) or `await build_async()` (loads on a worker thread, returns `AsyncModel`).
@@ -14,6 +15,9 @@ from typing import Self
 
 import torch
 
+from ladle.catalog import resolve
+from ladle.embedding_core import EmbeddingCore
+from ladle.engine.embedding_loader import LoadedEmbedder, load_embedder
 from ladle.engine.loader import LoadedModel, load_model
 from ladle.errors import InvalidRequestError, ModelLoadError
 from ladle.model import AsyncModel, Model
@@ -96,7 +100,7 @@ class _Builder:
         logging.basicConfig(level=logging.INFO)
         return self
 
-    def _core(self) -> ModelCore:
+    def _core(self) -> ModelCore | EmbeddingCore:
         return ModelCore.start(
             self._load, self.model_id or self.path.name, self.max_num_seqs, self.max_seq_len
         )
@@ -138,3 +142,35 @@ class GgufModelBuilder(_Builder):
         if len(names) > 1:
             raise ModelLoadError(base, "split GGUF files (several parts) are not supported yet")
         super().__init__(base / names[0] if names else base)
+
+
+class EmbeddingModelBuilder(_Builder):
+    """Build an embedding model from a local path or a catalog alias (downloaded if needed).
+
+    A Hugging Face folder (BERT / RoBERTa / XLM-R with sentence-transformers metadata, or a
+    decoder embedder such as Qwen3-Embedding) or a GGUF file. `with_max_num_seqs` bounds the
+    inputs per forward; `with_max_seq_len` caps the longest input below the model's own.
+    """
+
+    def __init__(self, path_or_alias: str | os.PathLike[str]) -> None:
+        super().__init__(Path(path_or_alias).expanduser())
+        self.max_num_seqs = 32
+
+    def _core(self) -> EmbeddingCore:
+        self.path = resolve(str(self.path))
+        return EmbeddingCore.start(
+            self._load_embedder,
+            self.model_id or self.path.name,
+            self.max_num_seqs,
+            self.max_seq_len,
+        )
+
+    def _load_embedder(self) -> LoadedEmbedder:
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
+        return load_embedder(
+            self.path,
+            dtype=self.dtype,
+            max_num_seqs=self.max_num_seqs,
+            tokenizer_path=self.tokenizer_path,
+        )

@@ -1,4 +1,5 @@
-"""Request builders with mistral.rs's names: `TextMessages` and `RequestBuilder`.
+"""Request builders with mistral.rs's names: `TextMessages`, `RequestBuilder` and
+`EmbeddingRequestBuilder`.
 
 `TextMessages` is a plain conversation sampled greedily; `RequestBuilder` adds sampling,
 logprobs, tools and truncation. Both turn into one `ChatCompletionRequest`, the same type the
@@ -11,7 +12,7 @@ import enum
 from typing import Any
 
 from ladle.errors import InvalidRequestError
-from ladle.protocol import ChatCompletionRequest, parse_request
+from ladle.protocol import ChatCompletionRequest, EmbeddingRequest, parse_request
 
 
 class TextMessageRole(enum.StrEnum):
@@ -166,3 +167,33 @@ _SAMPLER_FIELDS = frozenset(
         "seed",
     }
 )
+
+
+class EmbeddingRequestBuilder:
+    """Inputs to embed, as text or as token ids; one vector comes back per input, in order."""
+
+    def __init__(self) -> None:
+        self.inputs: list[str | list[int]] = []
+        self.truncate_sequence = False
+
+    def add_prompt(self, text: str) -> EmbeddingRequestBuilder:
+        self.inputs.append(text)
+        return self
+
+    def add_prompts(self, texts: list[str]) -> EmbeddingRequestBuilder:
+        self.inputs.extend(texts)
+        return self
+
+    def add_tokens(self, token_ids: list[int]) -> EmbeddingRequestBuilder:
+        self.inputs.append(list(token_ids))
+        return self
+
+    def with_truncate_sequence(self, truncate: bool) -> EmbeddingRequestBuilder:
+        """Cut inputs longer than the model's maximum instead of raising `ContextLengthError`."""
+        self.truncate_sequence = truncate
+        return self
+
+    def to_request(self) -> EmbeddingRequest:
+        return parse_request(
+            EmbeddingRequest, {"input": self.inputs, "truncate_sequence": self.truncate_sequence}
+        )

@@ -1,6 +1,8 @@
 """The `Model` API (mistral.rs's names) and its asyncio twin `AsyncModel`.
 
-Both wrap one `ModelCore` (model_core.py), which holds every rule that does no waiting.
+Both wrap one core that holds every rule that does no waiting: a `ModelCore` (model_core.py)
+for a text model, an `EmbeddingCore` (embedding_core.py) for an embedding model; asking one
+for what only the other does is an `InvalidRequestError` naming the model.
 `Model` waits on a thread queue, `AsyncModel` on an asyncio queue fed thread-safely by the
 engine; the methods have the same names in the same order, as httpx's `Client` and
 `AsyncClient` do.
@@ -16,9 +18,11 @@ from typing import Any
 
 import torch
 
+from ladle.embedding_core import EmbeddingCore, EmbeddingInput
 from ladle.engine.engine import RequestHandle
 from ladle.engine.sampling import SamplingParams
 from ladle.engine.sequence import TokenEvent
+from ladle.errors import InvalidRequestError
 from ladle.messages import TextMessages
 from ladle.model_core import ChatInput, CompletionInput, ModelCore, ModelInfo
 from ladle.protocol import (
@@ -27,6 +31,7 @@ from ladle.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    EmbeddingResponse,
     new_id,
     now,
 )
@@ -56,12 +61,40 @@ class _AsyncSink:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, error)
 
 
-class Model:
-    """A loaded model, called from blocking code. Build one with `TextModelBuilder` or
-    `GgufModelBuilder`; close it (or use it as a context manager) to stop its engine."""
+def _text_core(core: ModelCore | EmbeddingCore) -> ModelCore:
+    if isinstance(core, EmbeddingCore):
+        raise InvalidRequestError(
+            f"model {core.model_id!r} is an embedding model: it cannot chat or complete text",
+            param="model",
+        )
+    return core
 
-    def __init__(self, core: ModelCore) -> None:
-        self._core = core
+
+def _embedding_core(core: ModelCore | EmbeddingCore) -> EmbeddingCore:
+    if isinstance(core, ModelCore):
+        raise InvalidRequestError(
+            f"model {core.model_id!r} generates text and gives no embeddings; load an "
+            "embedding model (EmbeddingModelBuilder, or a catalog entry with task 'embeddings')",
+            param="model",
+        )
+    return core
+
+
+class Model:
+    """A loaded model, called from blocking code. Build one with `TextModelBuilder`,
+    `GgufModelBuilder` or `EmbeddingModelBuilder`; close it (or use it as a context manager)
+    to stop its engine."""
+
+    def __init__(self, core: ModelCore | EmbeddingCore) -> None:
+        self._any_core = core
+
+    @property
+    def _core(self) -> ModelCore:
+        return _text_core(self._any_core)
+
+    @property
+    def _embedder(self) -> EmbeddingCore:
+        return _embedding_core(self._any_core)
 
     def chat(self, text: str) -> str:
         """Send one user message, greedily decoded, and return the reply's text."""
@@ -133,6 +166,20 @@ class Model:
             functools.partial(core.engine.prompt_logits, prompt)
         ).result(), prompt
 
+    def generate_embeddings(self, request: EmbeddingInput) -> list[list[float]]:
+        """One vector per input, in input order: texts, or an `EmbeddingRequestBuilder`."""
+        return [d.vector() for d in self.send_embedding_request(request).data]
+
+    def generate_embedding(self, text: str) -> list[float]:
+        return self.generate_embeddings([text])[0]
+
+    def send_embedding_request(self, request: EmbeddingInput) -> EmbeddingResponse:
+        """Embed as `POST /v1/embeddings` does; OpenAI's response shape, with usage."""
+        core = self._embedder
+        req = core.request(request)
+        inputs = core.prepare(req)
+        return core.response(req, inputs, core.engine.submit(inputs).result())
+
     def tokenize(
         self,
         text_or_messages: str | list[dict[str, Any]] | TextMessages,
@@ -143,6 +190,8 @@ class Model:
         enable_thinking: bool | None = None,
     ) -> list[int]:
         """Token ids of a text, or of messages rendered through the chat template."""
+        if isinstance(text_or_messages, str):  # any model's tokenizer
+            return self._any_core.tokenizer.encode(text_or_messages, add_special_tokens)
         return self._core.tokenize(
             text_or_messages,
             tools=tools,
@@ -152,17 +201,17 @@ class Model:
         )
 
     def detokenize(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
-        return self._core.detokenize(ids, skip_special_tokens=skip_special_tokens)
+        return self._any_core.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def config(self) -> ModelInfo:
         """Architecture, modalities, device, dtype and context length."""
-        return self._core.info()
+        return self._any_core.info()
 
     def max_sequence_length(self) -> int:
-        return self._core.max_seq_len
+        return self._any_core.max_seq_len
 
     def close(self) -> None:
-        self._core.engine.close()
+        self._any_core.engine.close()
 
     def __enter__(self) -> Model:
         return self
@@ -195,8 +244,16 @@ def _drain(handle: RequestHandle, n: int, get: Any) -> Iterator[TokenEvent]:
 class AsyncModel:
     """`Model` for asyncio code: the same methods, awaited; streams are async iterators."""
 
-    def __init__(self, core: ModelCore) -> None:
-        self._core = core
+    def __init__(self, core: ModelCore | EmbeddingCore) -> None:
+        self._any_core = core
+
+    @property
+    def _core(self) -> ModelCore:
+        return _text_core(self._any_core)
+
+    @property
+    def _embedder(self) -> EmbeddingCore:
+        return _embedding_core(self._any_core)
 
     async def chat(self, text: str) -> str:
         return (await self.send_chat_request(text)).choices[0].message.content or ""
@@ -256,6 +313,20 @@ class AsyncModel:
         )
         return logits, prompt
 
+    async def generate_embeddings(self, request: EmbeddingInput) -> list[list[float]]:
+        response = await self.send_embedding_request(request)
+        return [d.vector() for d in response.data]
+
+    async def generate_embedding(self, text: str) -> list[float]:
+        return (await self.generate_embeddings([text]))[0]
+
+    async def send_embedding_request(self, request: EmbeddingInput) -> EmbeddingResponse:
+        core = self._embedder
+        req = core.request(request)
+        inputs = core.prepare(req)
+        vectors = await asyncio.wrap_future(core.engine.submit(inputs))
+        return core.response(req, inputs, vectors)
+
     async def tokenize(
         self,
         text_or_messages: str | list[dict[str, Any]] | TextMessages,
@@ -265,6 +336,8 @@ class AsyncModel:
         add_generation_prompt: bool = True,
         enable_thinking: bool | None = None,
     ) -> list[int]:
+        if isinstance(text_or_messages, str):  # any model's tokenizer
+            return self._any_core.tokenizer.encode(text_or_messages, add_special_tokens)
         return self._core.tokenize(
             text_or_messages,
             tools=tools,
@@ -274,16 +347,16 @@ class AsyncModel:
         )
 
     async def detokenize(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
-        return self._core.detokenize(ids, skip_special_tokens=skip_special_tokens)
+        return self._any_core.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     async def config(self) -> ModelInfo:
-        return self._core.info()
+        return self._any_core.info()
 
     async def max_sequence_length(self) -> int:
-        return self._core.max_seq_len
+        return self._any_core.max_seq_len
 
     async def aclose(self) -> None:
-        await asyncio.to_thread(self._core.engine.close)
+        await asyncio.to_thread(self._any_core.engine.close)
 
     async def __aenter__(self) -> AsyncModel:
         return self

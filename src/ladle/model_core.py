@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ladle.engine.engine import EngineConfig, LLMEngine
 from ladle.engine.loader import LoadedModel
@@ -30,7 +30,14 @@ from ladle.protocol import (
 )
 from ladle.responses import Accumulator
 
-ChatInput = str | list[dict[str, Any]] | TextMessages | RequestBuilder | ChatCompletionRequest
+ChatInput = (
+    str
+    | list[dict[str, Any]]
+    | dict[str, Any]
+    | TextMessages
+    | RequestBuilder
+    | ChatCompletionRequest
+)
 CompletionInput = str | list[int] | CompletionRequest | dict[str, Any]
 
 
@@ -46,6 +53,32 @@ class ModelInfo:
     max_seq_len: int
     file_format: str
     path: str
+
+
+Core = TypeVar("Core")
+
+
+def start_on_own_thread(make: Callable[[], Core], serve: Callable[[Core], None], name: str) -> Core:
+    """Build a model's core on a new thread, which then serves it; wait until it is built.
+
+    All of a model's torch work stays on that one thread because torch's OpenMP kernels
+    run about 2x slower on a thread other than the first one to use them while that
+    first thread's pool lives (SmolLM2 decode step measured 14 ms on the loading thread,
+    27-32 ms on another).
+    """
+    ready: Future[Core] = Future()
+
+    def main() -> None:
+        try:
+            core = make()
+        except BaseException as e:  # handed to the caller waiting on `ready`
+            ready.set_exception(e)
+            return
+        ready.set_result(core)
+        serve(core)
+
+    threading.Thread(target=main, name=name, daemon=True).start()
+    return ready.result()
 
 
 class ModelCore:
@@ -73,26 +106,12 @@ class ModelCore:
         max_num_seqs: int,
         max_seq_len: int | None,
     ) -> ModelCore:
-        """Load the model on a new thread, which then runs its engine; wait until loaded.
-
-        All of a model's torch work stays on that one thread because torch's OpenMP kernels
-        run about 2x slower on a thread other than the first one to use them while that
-        first thread's pool lives (SmolLM2 decode step measured 14 ms on the loading thread,
-        27-32 ms on another).
-        """
-        ready: Future[ModelCore] = Future()
-
-        def main() -> None:
-            try:
-                core = cls(load(), model_id, max_num_seqs, max_seq_len)
-            except BaseException as e:  # handed to the caller waiting on `ready`
-                ready.set_exception(e)
-                return
-            ready.set_result(core)
-            core.engine.serve()
-
-        threading.Thread(target=main, name=f"ladle-engine[{model_id}]", daemon=True).start()
-        return ready.result()
+        """Load the model on a new thread, which then runs its engine; wait until loaded."""
+        return start_on_own_thread(
+            lambda: cls(load(), model_id, max_num_seqs, max_seq_len),
+            lambda core: core.engine.serve(),
+            f"ladle-engine[{model_id}]",
+        )
 
     # ---- requests
 

@@ -10,10 +10,12 @@ at the end, under their own heading.
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 import time
 import uuid
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel, to_pascal
@@ -125,6 +127,51 @@ class CompletionRequest(SamplingFields):
 
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+
+EmbeddingInput = str | list[int] | list[str | list[int]]
+
+
+class EmbeddingRequest(_Wire):
+    """Body of `POST /v1/embeddings`. `input` is a string, a list of strings, a list of token
+    ids or a list of such lists (one vector each); `truncate_sequence` is ladle's extension
+    (as for chat): cut an over-long input to the model's length instead of refusing it."""
+
+    input: EmbeddingInput
+    model: str = "default"
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    truncate_sequence: bool = False
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_shape(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return v
+        if not isinstance(v, list) or not v:
+            raise ValueError("must be a string or a non-empty list")
+        if all(_is_token_id(t) for t in v):
+            return v
+        for i, item in enumerate(v):
+            is_tokens = isinstance(item, list) and item and all(_is_token_id(t) for t in item)
+            if not (isinstance(item, str) or is_tokens):
+                raise ValueError(
+                    f"input[{i}] must be a string or a non-empty list of token ids (integers)"
+                )
+        return v
+
+    def inputs(self) -> list[str | list[int]]:
+        """One entry per vector to return."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if all(_is_token_id(t) for t in self.input):
+            return [cast(list[int], list(self.input))]
+        return cast(list[str | list[int]], list(self.input))
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 Request = TypeVar("Request", bound=BaseModel)
@@ -262,6 +309,31 @@ class CompletionResponse(_Wire):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+
+
+class Embedding(_Wire):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # a base64 string of little-endian float32 for "base64"
+
+    def vector(self) -> list[float]:
+        """The floats, whichever encoding the response carries."""
+        if isinstance(self.embedding, str):
+            raw = base64.b64decode(self.embedding)
+            return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+        return list(self.embedding)
+
+
+class EmbeddingUsage(_Wire):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(_Wire):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelCard(_Wire):

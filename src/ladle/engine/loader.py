@@ -19,7 +19,7 @@ from ladle.engine.loading.gguf import read_gguf
 from ladle.engine.loading.tokenizer import Tokenizer
 from ladle.engine.loading.weights import gguf_weights, safetensors_weights
 from ladle.engine.models import ARCHITECTURES
-from ladle.engine.models.base import CausalLM, Weight
+from ladle.engine.models.base import CausalLM, CheckpointModule, Weight
 from ladle.errors import ModelLoadError, UnsupportedArchitectureError
 
 
@@ -66,8 +66,8 @@ def _build(config: ModelConfig, path: Path) -> CausalLM:
     return cls(config)
 
 
-def _load_weights(
-    model: CausalLM, weights: Iterable[tuple[str, Weight]], dtype: torch.dtype, path: Path
+def load_checkpoint(
+    model: CheckpointModule, weights: Iterable[tuple[str, Weight]], dtype: torch.dtype, path: Path
 ) -> None:
     """Load, naming the model's file in errors that only knew the tensor."""
     try:
@@ -82,7 +82,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
     gguf = read_gguf(path)
     config = ModelConfig.from_gguf(gguf)
     model = _build(config, path)
-    _load_weights(model, gguf_weights(gguf, config), dtype, path)
+    load_checkpoint(model, gguf_weights(gguf, config), dtype, path)
     tokenizer = Tokenizer.from_gguf(gguf.metadata, path)
     return LoadedModel(model.eval(), tokenizer, config, path, dtype, "gguf")
 
@@ -100,7 +100,7 @@ def _load_folder(path: Path, dtype: torch.dtype) -> LoadedModel:
         raise ModelLoadError(config_file, f"invalid JSON ({e})") from e
     config = ModelConfig.from_hf(raw, config_file)
     model = _build(config, path)
-    _load_weights(model, safetensors_weights(path), dtype, path)
+    load_checkpoint(model, safetensors_weights(path), dtype, path)
     tokenizer = Tokenizer.from_folder(path)
     return LoadedModel(model.eval(), tokenizer, config, path, dtype, "safetensors")
 

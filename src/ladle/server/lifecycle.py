@@ -25,9 +25,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ladle.builders import TextModelBuilder
+from ladle.builders import EmbeddingModelBuilder, TextModelBuilder
 from ladle.cache import ModelCache
 from ladle.catalog import Catalog
+from ladle.engine.embedding_loader import is_embedding_model
 from ladle.errors import ModelNotFoundError
 from ladle.model import AsyncModel
 from ladle.server.errors import CapacityError, ModelBusyError
@@ -41,11 +42,17 @@ TTL_CHECK_INTERVAL = 1.0  # seconds between looks for models idle past their TTL
 
 @dataclass(frozen=True, slots=True)
 class ModelSource:
-    """A model the service can load: its id, the path the engine reads, its size on disk."""
+    """A model the service can load: its id, the path the engine reads, its size on disk, and
+    its catalog task ("embeddings" loads it as an embedding model)."""
 
     model_id: str
     path: Path
     size_bytes: int
+    task: str = "chat-completion"
+
+    def is_embedding(self) -> bool:
+        """By the catalog's word, or for a local path, by what the files hold."""
+        return self.task == "embeddings" or is_embedding_model(self.path)
 
 
 class CatalogResolver:
@@ -66,7 +73,7 @@ class CatalogResolver:
                 "(No OpenAIService provider found for modelName)",  # what Foundry's SDK matches
             )
         path = self.cache.model_path(entry)
-        return ModelSource(entry.id, path, _disk_size(path))
+        return ModelSource(entry.id, path, _disk_size(path), entry.task)
 
 
 @dataclass(eq=False, slots=True)
@@ -227,8 +234,8 @@ class ModelPool:
         try:
             logger.info("loading %s from %s", source.model_id, source.path)
             started = time.perf_counter()
-            builder = TextModelBuilder(source.path).with_model_id(source.model_id)
-            model = await builder.build_async()
+            kind = EmbeddingModelBuilder if source.is_embedding() else TextModelBuilder
+            model = await kind(source.path).with_model_id(source.model_id).build_async()
             seconds = time.perf_counter() - started
             logger.info("loaded %s in %.1fs", source.model_id, seconds)
             self._metrics.observe_load(source.model_id, seconds)

@@ -1,4 +1,4 @@
-"""OpenAI's routes: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+"""OpenAI's routes: `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/models`.
 
 Each handler validates the body (`parse_body`), takes a lease on the model from the pool, and
 calls the `AsyncModel` API; nothing here touches the engine. A stream is opened and its first
@@ -27,6 +27,7 @@ from ladle.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     CompletionResponse,
+    EmbeddingRequest,
     ModelCard,
     ModelList,
     StreamOptions,
@@ -56,6 +57,7 @@ class OpenAIRoutes:
         return [
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
         ]
 
@@ -89,6 +91,14 @@ class OpenAIRoutes:
             self.metrics.observe_tokens(
                 response.model, usage.prompt_tokens, usage.completion_tokens
             )
+        return _json(response.model_dump_json())
+
+    async def embeddings(self, request: Request) -> Response:
+        """Concurrent requests to one model are embedded together by its worker."""
+        req = parse_body(EmbeddingRequest, await request.body())
+        async with self.pool.use(req.model) as model:
+            response = await model.send_embedding_request(req)
+        self.metrics.observe_tokens(response.model, response.usage.prompt_tokens, 0)
         return _json(response.model_dump_json())
 
     async def models(self, request: Request) -> Response:

@@ -1,4 +1,5 @@
-"""RMSNorm, in the two flavours checkpoints use: `w * x̂` (Llama) and `(1 + w) * x̂` (Gemma)."""
+"""RMSNorm, in the two flavours checkpoints use: `w * x̂` (Llama) and `(1 + w) * x̂` (Gemma);
+and LayerNorm with a bias, as BERT-family encoders use it."""
 
 from __future__ import annotations
 
@@ -37,3 +38,30 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, unit_offset={self.unit_offset}"
+
+
+class LayerNorm(nn.Module):
+    """Mean-and-variance norm over the last dimension with a weight and a bias (BERT)."""
+
+    has_bias = True
+
+    def __init__(self, dim: int, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+
+    def load_weight(
+        self, weight: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None
+    ) -> None:
+        if tuple(weight.shape) != (self.dim,) or bias is None or tuple(bias.shape) != (self.dim,):
+            raise ValueError(f"weight and bias must both have shape {(self.dim,)}")
+        self.weight = nn.Parameter(weight.to(dtype).contiguous(), requires_grad=False)
+        self.bias = nn.Parameter(bias.to(dtype).contiguous(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}"

@@ -122,6 +122,10 @@ class Tokenizer:
             backend = Backend.from_file(str(file))
         except Exception as e:  # tokenizers raises a bare Exception on a malformed file
             raise ModelLoadError(file, f"cannot parse tokenizer.json ({e})") from e
+        # tokenizer.json may pin the padding and truncation it was trained with (all-MiniLM-L6-v2
+        # pads every input to 128): callers choose their own, as transformers lets them.
+        backend.no_padding()
+        backend.no_truncation()
         config = _read_json(path / "tokenizer_config.json")
         if "add_bos_token" in config or "add_eos_token" in config:
             backend.post_processor = None  # the config's rule wins, as in transformers
@@ -155,6 +159,19 @@ class Tokenizer:
         if add_special_tokens and self._add_bos:
             ids.insert(0, self.bos_token_id)
         if add_special_tokens and self._add_eos:
+            ids.append(self.eos_token_id)
+        return ids
+
+    def encode_truncated(self, text: str, max_length: int) -> list[int]:
+        """`encode(text)` cut to `max_length` ids as transformers cuts it: the text's own tokens
+        lose their end, the special tokens around them stay."""
+        encoding = self._backend.encode(text, add_special_tokens=False)
+        num_special = self._backend.num_special_tokens_to_add(False) + self._add_bos + self._add_eos
+        encoding.truncate(max(max_length - num_special, 0))
+        ids = self._backend.post_process(encoding).ids
+        if self._add_bos:
+            ids.insert(0, self.bos_token_id)
+        if self._add_eos:
             ids.append(self.eos_token_id)
         return ids
 

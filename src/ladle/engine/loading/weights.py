@@ -147,3 +147,36 @@ def _unpermute_qk(
     if isinstance(weight, GGMLTensor):
         return weight.permute_rows(index)
     return weight[torch.from_numpy(index)]
+
+
+# llama.cpp's names for a BERT encoder -> the Hugging Face checkpoint's
+_GGUF_ENCODER_TOP = {
+    "token_embd": "embeddings.word_embeddings",
+    "token_types": "embeddings.token_type_embeddings",
+    "position_embd": "embeddings.position_embeddings",
+    "token_embd_norm": "embeddings.LayerNorm",
+}
+_GGUF_ENCODER_BLOCK = {
+    "attn_q": "attention.self.query",
+    "attn_k": "attention.self.key",
+    "attn_v": "attention.self.value",
+    "attn_output": "attention.output.dense",
+    "attn_output_norm": "attention.output.LayerNorm",
+    "ffn_up": "intermediate.dense",
+    "ffn_down": "output.dense",
+    "layer_output_norm": "output.LayerNorm",
+}
+
+
+def gguf_encoder_weights(gguf: GGUFFile) -> Iterator[tuple[str, torch.Tensor | GGMLTensor]]:
+    """Every tensor of a llama.cpp `bert` GGUF under its Hugging Face `BertModel` name."""
+    for gguf_name, tensor in gguf.tensors.items():
+        module, _, param = gguf_name.rpartition(".")
+        match = _BLOCK_NAME.fullmatch(gguf_name)
+        if module in _GGUF_ENCODER_TOP:
+            hf_name = f"{_GGUF_ENCODER_TOP[module]}.{param}"
+        elif match is not None and match[2] in _GGUF_ENCODER_BLOCK:
+            hf_name = f"encoder.layer.{match[1]}.{_GGUF_ENCODER_BLOCK[match[2]]}.{match[3]}"
+        else:
+            raise ModelLoadError(gguf.path, f"tensor '{gguf_name}' has no bert counterpart")
+        yield hf_name, tensor.dequantize() if len(tensor.shape) == 1 else tensor

@@ -27,39 +27,19 @@ Weight = torch.Tensor | GGMLTensor
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 
 
-class CausalLM(nn.Module):
-    """A decoder-only language model over one sequence and its `KVCache`.
+class CheckpointModule(nn.Module):
+    """A model whose submodules are named as its Hugging Face checkpoint names them.
 
-    Subclasses are named `<Arch>ForCausalLM`, take their `ModelConfig` in `__init__`, and name
-    submodules as the Hugging Face checkpoint does (`model.embed_tokens`, `lm_head`, ...); every
-    module that holds weights has `load_weight(weight, dtype[, bias])`. GGUF names are
+    Every module that holds weights has `load_weight(weight, dtype[, bias])`; GGUF names are
     translated before they arrive (`ladle.engine.loading.weights.gguf_weights`).
     """
 
-    config: ModelConfig
-    model: nn.Module  # embeddings, decoder layers and `norm`; returns hidden states
-    lm_head: Linear
     # checkpoint module -> (fused module, index of its rows in the fused weight)
     packed_modules_mapping: ClassVar[dict[str, tuple[str, int]]] = {}
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,  # [T] int64
-        positions: torch.Tensor,  # [T] int64, absolute positions of input_ids
-        cache: KVCache,
-        logits_indices: torch.Tensor | None = None,  # rows of T to compute logits for
-    ) -> torch.Tensor:  # [len(logits_indices) or T, vocab_size] float32
-        hidden = self.model(input_ids, positions, cache)
-        if logits_indices is not None:
-            hidden = hidden[logits_indices]  # the head is the costliest matmul: skip unused rows
-        logits = self.lm_head(self.model.norm(hidden)).float()
-        cap = self.config.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap) * cap
-
-    def new_cache(self, dtype: torch.dtype, capacity: int = 256) -> KVCache:
-        c = self.config
-        assert c.num_key_value_heads is not None and c.head_dim is not None
-        return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, dtype, capacity)
+    def has_tied_head(self) -> bool:
+        """Whether `lm_head` shares `model.embed_tokens`' table (and is absent from the file)."""
+        return False
 
     def load_weights(self, weights: Iterable[tuple[str, Weight]], dtype: torch.dtype) -> None:
         """Fill every weight from `(hf_name, tensor)` pairs, in any order, in `dtype`.
@@ -68,7 +48,7 @@ class CausalLM(nn.Module):
         """
         modules = {n: m for n, m in self.named_modules() if hasattr(m, "load_weight")}
         num_parts = Counter(fused for fused, _ in self.packed_modules_mapping.values())
-        is_tied = self.config.tie_word_embeddings
+        is_tied = self.has_tied_head()
         pending: dict[str, dict[str, dict[int, Weight]]] = {}
         loaded: set[str] = set()
         embed_source: Weight | None = None  # kept for a tied head, which may repack it
@@ -128,6 +108,40 @@ class CausalLM(nn.Module):
         parts = {i: k for k, (fused, i) in self.packed_modules_mapping.items() if fused == leaf}
         leaves = [k for i, k in sorted(parts.items()) if i not in present] if parts else [leaf]
         return [".".join(filter(None, (prefix, name, "weight"))) for name in leaves]
+
+
+class CausalLM(CheckpointModule):
+    """A decoder-only language model over one sequence and its `KVCache`.
+
+    Subclasses are named `<Arch>ForCausalLM`, take their `ModelConfig` in `__init__`, and name
+    submodules as the checkpoint does (`model.embed_tokens`, `lm_head`, ...).
+    """
+
+    config: ModelConfig
+    model: nn.Module  # embeddings, decoder layers and `norm`; returns hidden states
+    lm_head: Linear
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64, absolute positions of input_ids
+        cache: KVCache,
+        logits_indices: torch.Tensor | None = None,  # rows of T to compute logits for
+    ) -> torch.Tensor:  # [len(logits_indices) or T, vocab_size] float32
+        hidden = self.model(input_ids, positions, cache)
+        if logits_indices is not None:
+            hidden = hidden[logits_indices]  # the head is the costliest matmul: skip unused rows
+        logits = self.lm_head(self.model.norm(hidden)).float()
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def new_cache(self, dtype: torch.dtype, capacity: int = 256) -> KVCache:
+        c = self.config
+        assert c.num_key_value_heads is not None and c.head_dim is not None
+        return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, dtype, capacity)
+
+    def has_tied_head(self) -> bool:
+        return self.config.tie_word_embeddings
 
 
 def _params(module: nn.Module | None) -> tuple[str, ...]:
