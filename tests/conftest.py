@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
 
 from ladle.cache import ModelCache
 from ladle.catalog import Catalog
@@ -30,3 +32,32 @@ def minilm_path() -> Path:
     """Folder of all-MiniLM-L6-v2 (safetensors + sentence-transformers metadata, 91 MB), the
     built-in catalog's default embedding model, downloaded once per machine."""
     return download_model(Catalog.load().get("all-minilm-l6-v2"), ModelCache(_test_cache_dir()))
+
+
+@pytest.fixture(scope="session")
+def minilm_gguf_vocab(minilm_path: Path) -> dict[str, Any]:
+    """MiniLM's vocabulary as the GGUF metadata llama.cpp's convert_hf_to_gguf.py writes."""
+    reference = HFTokenizer.from_file(str(minilm_path / "tokenizer.json"))
+    return _wordpiece_gguf_metadata(reference)
+
+
+def _wordpiece_gguf_metadata(reference: HFTokenizer) -> dict[str, Any]:
+    """What llama.cpp's convert_hf_to_gguf.py writes for a BERT vocabulary."""
+    vocab = sorted(reference.get_vocab().items(), key=lambda item: item[1])
+    special = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"}
+
+    def phantom(token: str) -> str:
+        if token in special or (token.startswith("[") and token.endswith("]")):
+            return token
+        return token[2:] if token.startswith("##") else "\u2581" + token
+
+    tokens = [phantom(t) for t, _ in vocab]
+    return {
+        "tokenizer.ggml.model": "bert",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [3 if t in special else 1 for t, _ in vocab],
+        "tokenizer.ggml.unknown_token_id": reference.token_to_id("[UNK]"),
+        "tokenizer.ggml.cls_token_id": reference.token_to_id("[CLS]"),
+        "tokenizer.ggml.seperator_token_id": reference.token_to_id("[SEP]"),
+        "tokenizer.ggml.padding_token_id": reference.token_to_id("[PAD]"),
+    }

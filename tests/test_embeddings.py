@@ -158,3 +158,54 @@ def test_async_model_gives_the_same_vectors(minilm_path: Path, model: Model) -> 
     got = asyncio.run(run())
     want = torch.tensor(model.generate_embeddings(CORPUS[:6]))
     assert (torch.tensor(got) - want).abs().max() <= 1e-5
+
+
+def test_a_gguf_of_the_same_model_embeds_the_same(
+    minilm_path: Path,
+    minilm_gguf_vocab: dict[str, object],
+    reference: SentenceTransformer,
+    tmp_path: Path,
+) -> None:
+    """MiniLM written as llama.cpp writes a `bert` GGUF (vocabulary included) loads alone."""
+    import json
+
+    import numpy as np
+    from gguf import MODEL_ARCH, GGUFWriter, get_tensor_name_map
+    from safetensors.torch import load_file
+
+    config = json.loads((minilm_path / "config.json").read_text())
+    names = get_tensor_name_map(MODEL_ARCH.BERT, config["num_hidden_layers"])
+    path = tmp_path / "minilm.gguf"
+    writer = GGUFWriter(path, "bert")
+    for key, value in {
+        "block_count": config["num_hidden_layers"],
+        "context_length": config["max_position_embeddings"],
+        "embedding_length": config["hidden_size"],
+        "feed_forward_length": config["intermediate_size"],
+        "attention.head_count": config["num_attention_heads"],
+        "pooling_type": 1,  # mean, as the model's 1_Pooling config says
+    }.items():
+        writer.add_uint32(f"bert.{key}", value)
+    writer.add_float32("bert.attention.layer_norm_epsilon", config["layer_norm_eps"])
+    for key, value in minilm_gguf_vocab.items():
+        if isinstance(value, list):
+            writer.add_array(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_uint32(key, value)
+    for name, tensor in load_file(minilm_path / "model.safetensors").items():
+        if name.startswith("pooler.") or name.endswith("position_ids"):
+            continue
+        base, suffix = name.rsplit(".", 1)
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", tensor.float().numpy().copy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    texts = CORPUS[:20]
+    with EmbeddingModelBuilder(path).build() as model:
+        got = torch.tensor(model.generate_embeddings(texts))
+    want = torch.from_numpy(np.asarray(reference.encode(texts, convert_to_numpy=True)))
+    assert F.cosine_similarity(got, want, dim=-1).min() >= MIN_COSINE

@@ -144,10 +144,4 @@ def _decoder_names(weights: Iterable[tuple[str, Weight]]) -> Iterator[tuple[str,
 def _gguf_tokenizer(gguf: GGUFFile, tokenizer_path: str | Path | None) -> Tokenizer:
     if tokenizer_path is not None:
         return Tokenizer.from_folder(Path(tokenizer_path))
-    if gguf.metadata.get("tokenizer.ggml.model") == "bert":
-        raise ModelLoadError(
-            gguf.path,
-            "tokenizer.ggml.model 'bert' (WordPiece) cannot be rebuilt from GGUF metadata yet; "
-            "give the model's tokenizer.json folder with with_tokenizer_json()",
-        )
     return Tokenizer.from_gguf(gguf.metadata, gguf.path)

@@ -177,3 +177,27 @@ def required_key(metadata: dict[str, Any], key: str, path: str | Path) -> Any:
 
 def token_at(tokens: list[str], token_id: Any) -> str | None:
     return tokens[token_id] if isinstance(token_id, int) and 0 <= token_id < len(tokens) else None
+
+
+def wordpiece(tokens: list[str]) -> Backend:
+    """BERT's WordPiece, from the vocabulary llama.cpp's converter stores.
+
+    The converter marks a word-initial piece with a leading `▁` and strips `##` from the
+    continuations; undoing that gives the original vocabulary back. Text is then split and
+    normalized as the original uncased BERT tokenizer does (lowercase, accents stripped),
+    so the ids are the ones the model was trained on.
+    """
+    vocab = {}
+    for i, token in enumerate(tokens):
+        if token.startswith("▁"):
+            vocab[token[1:]] = i
+        elif token.startswith("[") and token.endswith("]"):
+            vocab[token] = i
+        else:
+            vocab[f"##{token}"] = i
+    unk = "[UNK]" if "[UNK]" in vocab else None
+    backend = Backend(models.WordPiece(vocab, unk_token=unk, max_input_chars_per_word=100))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    return backend

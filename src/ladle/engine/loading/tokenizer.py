@@ -23,6 +23,7 @@ from ladle.engine.loading.gguf_vocab import (
     required_key,
     sentencepiece_bpe,
     token_at,
+    wordpiece,
 )
 from ladle.errors import ModelLoadError
 
@@ -88,13 +89,15 @@ class Tokenizer:
             backend = byte_level_bpe(metadata, tokens, token_types, path)
         elif kind == "llama":
             backend = sentencepiece_bpe(metadata, tokens, path)
+        elif kind == "bert":
+            backend = wordpiece(tokens)
         else:
             raise ModelLoadError(
-                path, f"tokenizer.ggml.model {kind!r} is not supported (gpt2 or llama)"
+                path, f"tokenizer.ggml.model {kind!r} is not supported (gpt2, llama or bert)"
             )
         add_control_tokens(backend, tokens, token_types)
         pre = metadata.get("tokenizer.ggml.pre", "default")
-        default_bos = kind == "llama" or pre in PRE_ADDS_BOS
+        default_bos = kind in ("llama", "bert") or pre in PRE_ADDS_BOS
         templates = {
             key.removeprefix("tokenizer.chat_template").lstrip(".") or "default": value
             for key, value in metadata.items()
@@ -103,10 +106,10 @@ class Tokenizer:
         ids = (metadata.get(f"tokenizer.ggml.{name}_token_id") for name in ("eot", "eom"))
         return cls(
             backend,
-            bos_token=token_at(tokens, metadata.get("tokenizer.ggml.bos_token_id")),
-            eos_token=token_at(tokens, metadata.get("tokenizer.ggml.eos_token_id")),
+            bos_token=token_at(tokens, _special_id(metadata, "bos", "cls")),
+            eos_token=token_at(tokens, _special_id(metadata, "eos", "seperator")),
             add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", default_bos)),
-            add_eos=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
+            add_eos=bool(metadata.get("tokenizer.ggml.add_eos_token", kind == "bert")),
             chat_templates=templates,
             stop_token_ids=[i for i in ids if token_at(tokens, i) is not None],
         )
@@ -262,3 +265,9 @@ def _folder_chat_templates(path: Path, config: dict[str, Any]) -> dict[str, str]
     for file in sorted((path / "additional_chat_templates").glob("*.jinja")):
         templates[file.stem] = file.read_text(encoding="utf-8")
     return templates
+
+
+def _special_id(metadata: dict[str, Any], name: str, bert_name: str) -> Any:
+    """`tokenizer.ggml.<name>_token_id`, else BERT's own key (`seperator` is gguf's spelling)."""
+    found = metadata.get(f"tokenizer.ggml.{name}_token_id")
+    return found if found is not None else metadata.get(f"tokenizer.ggml.{bert_name}_token_id")
