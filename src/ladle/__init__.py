@@ -15,6 +15,7 @@ from ladle.errors import (
     ModelLoadError,
     ModelNotFoundError,
     ServiceError,
+    StructuredOutputError,
     UnsupportedArchitectureError,
     UnsupportedTensorTypeError,
 )
@@ -40,6 +41,7 @@ from ladle.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    Constraint,
     EmbeddingRequest,
     EmbeddingResponse,
 )
@@ -54,6 +56,7 @@ __all__ = [
     "ChatCompletionResponse",
     "CompletionRequest",
     "CompletionResponse",
+    "Constraint",
     "ContextLengthError",
     "DeviceType",
     "DownloadError",
@@ -75,6 +78,7 @@ __all__ = [
     "ModelRuntime",
     "RequestBuilder",
     "ServiceError",
+    "StructuredOutputError",
     "TextMessageRole",
     "TextMessages",
     "TextModelBuilder",

@@ -7,6 +7,7 @@
     ├── InvalidRequestError         a request field is out of range or malformed (names the field)
     │   └── ContextLengthError          the prompt does not fit in the model's context
     ├── ModelNotFoundError          no catalog entry, cached model or file has that name
+    ├── StructuredOutputError       a constrained reply was cut short (max_tokens) or does not parse
     ├── DownloadError               fetching a model failed (names the model and the source)
     ├── ServiceError                the local service cannot be reached, started or stopped
     └── EngineClosedError           the model was shut down while a request waited on it
@@ -58,6 +59,11 @@ class ModelNotFoundError(LadleError):
     def __init__(self, name: str, detail: str = "") -> None:
         self.name = name
         super().__init__(f"model {name!r} not found" + (f": {detail}" if detail else ""))
+
+
+class StructuredOutputError(LadleError):
+    """`generate_structured` got no complete value: the reply hit `max_tokens` inside its
+    constraint (finish_reason "length"), or does not parse as the schema asked."""
 
 
 class DownloadError(LadleError):

@@ -12,7 +12,7 @@ import enum
 from typing import Any
 
 from ladle.errors import InvalidRequestError
-from ladle.protocol import ChatCompletionRequest, EmbeddingRequest, parse_request
+from ladle.protocol import ChatCompletionRequest, Constraint, EmbeddingRequest, parse_request
 
 
 class TextMessageRole(enum.StrEnum):
@@ -91,6 +91,11 @@ class RequestBuilder:
 
     def set_tool_choice(self, tool_choice: str | dict[str, Any]) -> RequestBuilder:
         return self._set("tool_choice", tool_choice)
+
+    def set_constraint(self, constraint: Constraint | dict[str, Any] | None) -> RequestBuilder:
+        """Constrain the reply: a `Constraint` (`Constraint.json_schema(Model)`, `.regex`,
+        `.lark`, `.json_object()`), its `{"type", "value"}` dict, or None for free text."""
+        return self._set("grammar", constraint)
 
     def return_logprobs(self, return_logprobs: bool) -> RequestBuilder:
         return self._set("logprobs", return_logprobs)

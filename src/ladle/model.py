@@ -14,9 +14,10 @@ import asyncio
 import functools
 import queue
 from collections.abc import AsyncGenerator, Iterator
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import torch
+from pydantic import BaseModel
 
 from ladle.embedding_core import EmbeddingCore, EmbeddingInput
 from ladle.engine.engine import RequestHandle
@@ -36,6 +37,9 @@ from ladle.protocol import (
     now,
 )
 from ladle.responses import Accumulator, chat_chunk, completion_chunk
+from ladle.structured import parse_structured, structured_request
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class _ThreadSink:
@@ -127,6 +131,24 @@ class Model:
                 yield chat_chunk(rid, created, core.model_id, event, logprob)
         if req.stream_options and req.stream_options.include_usage:
             yield core.usage_chunk(rid, created, acc)
+
+    @overload
+    def generate_structured(self, schema: type[M], messages: ChatInput) -> M: ...
+
+    @overload
+    def generate_structured(self, schema: dict[str, Any], messages: ChatInput) -> Any: ...
+
+    def generate_structured(
+        self, schema: type[BaseModel] | dict[str, Any], messages: ChatInput
+    ) -> Any:
+        """Reply with JSON constrained to `schema` and return it parsed: an instance of a pydantic
+        model, or the JSON value (a dict for an object schema) for a JSON schema dict.
+
+        `messages` is any chat request shape; a reply cut off by its `max_tokens` raises
+        `StructuredOutputError` rather than returning a partial value.
+        """
+        req = structured_request(self._core.chat_request(messages), schema)
+        return parse_structured(schema, self.send_chat_request(req))
 
     def send_completion_request(self, request: CompletionInput) -> CompletionResponse:
         """Complete a plain prompt (no chat template); OpenAI's text completion shape."""
@@ -280,6 +302,18 @@ class AsyncModel:
                 yield chat_chunk(rid, created, core.model_id, event, logprob)
         if req.stream_options and req.stream_options.include_usage:
             yield core.usage_chunk(rid, created, acc)
+
+    @overload
+    async def generate_structured(self, schema: type[M], messages: ChatInput) -> M: ...
+
+    @overload
+    async def generate_structured(self, schema: dict[str, Any], messages: ChatInput) -> Any: ...
+
+    async def generate_structured(
+        self, schema: type[BaseModel] | dict[str, Any], messages: ChatInput
+    ) -> Any:
+        req = structured_request(self._core.chat_request(messages), schema)
+        return parse_structured(schema, await self.send_chat_request(req))
 
     async def send_completion_request(self, request: CompletionInput) -> CompletionResponse:
         core = self._core

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ladle.engine.engine import EngineConfig, LLMEngine
+from ladle.engine.grammar import GrammarCompiler
 from ladle.engine.loader import LoadedModel
 from ladle.engine.loading.chat_template import render_chat_template, validate_messages
 from ladle.engine.sampling import SamplingParams
@@ -29,6 +30,7 @@ from ladle.protocol import (
     parse_request,
 )
 from ladle.responses import Accumulator
+from ladle.structured import request_grammar
 
 ChatInput = (
     str
@@ -97,6 +99,7 @@ class ModelCore:
             loaded.tokenizer,
             EngineConfig(self.max_seq_len, loaded.dtype, max_num_seqs),
         )
+        self.grammars = GrammarCompiler(loaded.tokenizer)
 
     @classmethod
     def start(
@@ -201,6 +204,7 @@ class ModelCore:
             top_logprobs=top,
             n=req.n,
             truncate_sequence=req.truncate_sequence,
+            grammar=request_grammar(self.grammars, req),
         )
 
     def prepare_chat(

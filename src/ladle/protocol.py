@@ -4,8 +4,7 @@ Requests are validated here, where they enter: `parse_request` turns pydantic's 
 one `InvalidRequestError` naming the field (`messages[1].role`, `top_p`), so the SDK and the
 server report bad input the same way. Extensions that mistral.rs and vLLM accept (`top_k`,
 `min_p`, `repetition_penalty`, `truncate_sequence`) sit beside OpenAI's own fields.
-Foundry Local's management shapes (`/foundry/list`, `/openai/download`, `/openai/status`) are
-at the end, under their own heading.
+Foundry Local's management shapes live beside it, in `foundry_protocol.py`.
 """
 
 from __future__ import annotations
@@ -17,8 +16,14 @@ import time
 import uuid
 from typing import Any, Literal, TypeVar, cast
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic.alias_generators import to_camel, to_pascal
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ladle.errors import InvalidRequestError
 
@@ -26,19 +31,19 @@ Role = Literal["system", "developer", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "tool_calls"]
 
 
-class _Wire(BaseModel):
+class Wire(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
 # ---------------------------------------------------------------- requests
 
 
-class ContentPart(_Wire):
+class ContentPart(Wire):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_Wire):
+class ChatMessage(Wire):
     role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -60,11 +65,80 @@ class ChatMessage(_Wire):
         return out
 
 
-class StreamOptions(_Wire):
+class StreamOptions(Wire):
     include_usage: bool = False
 
 
-class SamplingFields(_Wire):
+SchemaSource = type[BaseModel] | dict[str, Any]  # a pydantic model class or a JSON schema
+
+
+class Constraint(Wire):
+    """mistral.rs's `grammar` field: the output must match `value`, read as `type` says.
+
+    `json_schema` takes a schema object; `regex` and `lark` a pattern or grammar text;
+    `llguidance` an llguidance grammar (its JSON object). The constructors build each kind;
+    `json_schema` also takes a pydantic model class, whose objects are closed to keys it does
+    not declare (as OpenAI's `parse` does): a model may otherwise add keys without end.
+    """
+
+    type: Literal["json_schema", "regex", "lark", "llguidance"]
+    value: Any
+
+    @classmethod
+    def json_schema(cls, schema: SchemaSource) -> Constraint:
+        if isinstance(schema, type):
+            return cls(type="json_schema", value=_closed(schema.model_json_schema()))
+        return cls(type="json_schema", value=schema)
+
+    @classmethod
+    def json_object(cls) -> Constraint:
+        """Any JSON object, as OpenAI's `response_format` `json_object`."""
+        return cls(type="json_schema", value={"type": "object"})
+
+    @classmethod
+    def regex(cls, pattern: str) -> Constraint:
+        return cls(type="regex", value=pattern)
+
+    @classmethod
+    def lark(cls, grammar: str) -> Constraint:
+        return cls(type="lark", value=grammar)
+
+
+def _closed(schema: Any) -> Any:
+    """`schema` with `additionalProperties: false` on every object that lists its properties."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) for k, v in schema.items()}
+    if "properties" in out and isinstance(out["properties"], dict):
+        out.setdefault("additionalProperties", False)
+    return out
+
+
+class JsonSchemaFormat(Wire):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")  # {} is any JSON
+    strict: bool | None = None  # output always follows the schema, strict or not
+
+
+class ResponseFormat(Wire):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is 'json_schema'")
+        return self
+
+
+class SamplingFields(Wire):
     """Fields that chat and text completion requests share."""
 
     model: str = "default"
@@ -84,6 +158,7 @@ class SamplingFields(_Wire):
     stream_options: StreamOptions | None = None
     truncate_sequence: bool = False
     user: str | None = None
+    grammar: Constraint | None = None
 
     @field_validator("stop")
     @classmethod
@@ -112,6 +187,7 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -132,7 +208,7 @@ class CompletionRequest(SamplingFields):
 EmbeddingInput = str | list[int] | list[str | list[int]]
 
 
-class EmbeddingRequest(_Wire):
+class EmbeddingRequest(Wire):
     """Body of `POST /v1/embeddings`. `input` is a string, a list of strings, a list of token
     ids or a list of such lists (one vector each); `truncate_sequence` is ladle's extension
     (as for chat): cut an over-long input to the model's length instead of refusing it."""
@@ -221,13 +297,13 @@ def now() -> int:
     return int(time.time())
 
 
-class Usage(_Wire):
+class Usage(Wire):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
-class TopLogprob(_Wire):
+class TopLogprob(Wire):
     token: str
     logprob: float
     bytes: list[int] | None
@@ -237,24 +313,24 @@ class TokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob] = []
 
 
-class ChoiceLogprobs(_Wire):
+class ChoiceLogprobs(Wire):
     content: list[TokenLogprob] | None
 
 
-class AssistantMessage(_Wire):
+class AssistantMessage(Wire):
     role: Literal["assistant"] = "assistant"
     content: str | None
     tool_calls: list[dict[str, Any]] | None = None
 
 
-class ChatChoice(_Wire):
+class ChatChoice(Wire):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason | None
     logprobs: ChoiceLogprobs | None = None
 
 
-class ChatCompletionResponse(_Wire):
+class ChatCompletionResponse(Wire):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -264,20 +340,20 @@ class ChatCompletionResponse(_Wire):
     system_fingerprint: str | None = None
 
 
-class Delta(_Wire):
+class Delta(Wire):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
 
 
-class ChunkChoice(_Wire):
+class ChunkChoice(Wire):
     index: int
     delta: Delta
     finish_reason: FinishReason | None = None
     logprobs: ChoiceLogprobs | None = None
 
 
-class ChatCompletionChunk(_Wire):
+class ChatCompletionChunk(Wire):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -287,21 +363,21 @@ class ChatCompletionChunk(_Wire):
     system_fingerprint: str | None = None
 
 
-class CompletionLogprobs(_Wire):
+class CompletionLogprobs(Wire):
     tokens: list[str]
     token_logprobs: list[float]
     top_logprobs: list[dict[str, float]] | None
     text_offset: list[int]
 
 
-class CompletionChoice(_Wire):
+class CompletionChoice(Wire):
     index: int
     text: str
     finish_reason: FinishReason | None
     logprobs: CompletionLogprobs | None = None
 
 
-class CompletionResponse(_Wire):
+class CompletionResponse(Wire):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
@@ -311,7 +387,7 @@ class CompletionResponse(_Wire):
     system_fingerprint: str | None = None
 
 
-class Embedding(_Wire):
+class Embedding(Wire):
     object: Literal["embedding"] = "embedding"
     index: int
     embedding: list[float] | str  # a base64 string of little-endian float32 for "base64"
@@ -324,19 +400,19 @@ class Embedding(_Wire):
         return list(self.embedding)
 
 
-class EmbeddingUsage(_Wire):
+class EmbeddingUsage(Wire):
     prompt_tokens: int
     total_tokens: int
 
 
-class EmbeddingResponse(_Wire):
+class EmbeddingResponse(Wire):
     object: Literal["list"] = "list"
     data: list[Embedding]
     model: str
     usage: EmbeddingUsage
 
 
-class ModelCard(_Wire):
+class ModelCard(Wire):
     """One entry of `GET /v1/models`."""
 
     id: str
@@ -345,114 +421,19 @@ class ModelCard(_Wire):
     owned_by: str
 
 
-class ModelList(_Wire):
+class ModelList(Wire):
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
 
-class ErrorDetail(_Wire):
+class ErrorDetail(Wire):
     message: str
     type: str
     param: str | None = None
     code: str | None = None
 
 
-class ErrorResponse(_Wire):
+class ErrorResponse(Wire):
     """OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`."""
 
     error: ErrorDetail
-
-
-# ---------------------------------------------------------------- Foundry Local management
-#
-# Foundry Local's v1 service speaks camelCase on `/foundry/list` and `/openai/status`, and
-# PascalCase inside the `/openai/download` body. Fields are snake_case here; aliases give the
-# wire names, so dump these with `by_alias=True`. Clients send either spelling.
-
-
-class _CamelWire(_Wire):
-    model_config = ConfigDict(
-        extra="ignore", alias_generator=to_camel, populate_by_name=True, protected_namespaces=()
-    )
-
-
-class _PascalWire(_Wire):
-    model_config = ConfigDict(
-        extra="ignore", alias_generator=to_pascal, populate_by_name=True, protected_namespaces=()
-    )
-
-
-class FoundryRuntime(_CamelWire):
-    device_type: str  # "CPU", "GPU", "NPU"
-    execution_provider: str  # "CPUExecutionProvider", "CUDAExecutionProvider", ...
-
-
-class FoundryModelSettings(_CamelWire):
-    parameters: list[dict[str, Any]] = []
-
-
-class FoundryListEntry(_CamelWire):
-    """One catalog variant in `GET /foundry/list`, as `FoundryModelInfo.from_list_response`
-    reads it. Foundry's SDK requires every string present, so absent facts are empty strings."""
-
-    name: str  # the model id, e.g. "smollm2-135m-instruct-q4_1-generic-cpu:1"
-    display_name: str
-    alias: str
-    version: str
-    uri: str
-    provider_type: str
-    model_type: str  # the file format, e.g. "GGUF"
-    prompt_template: dict[str, Any] | None
-    publisher: str
-    task: str
-    license: str
-    license_description: str
-    parent_model_uri: str
-    runtime: FoundryRuntime
-    file_size_mb: int
-    model_settings: FoundryModelSettings
-    supports_tool_calling: bool
-    max_output_tokens: int | None
-    min_fl_version: str | None = Field(default=None, alias="minFLVersion")
-
-
-class FoundryDownloadModel(_PascalWire):
-    """The `model` object of a download request, as `FoundryModelInfo.to_download_body` sends it."""
-
-    name: str = Field(min_length=1)  # the model id
-    uri: str = ""
-    publisher: str = ""
-    provider_type: str = ""
-    prompt_template: dict[str, Any] | None = None
-
-
-class FoundryDownloadRequest(_Wire):
-    """Body of `POST /openai/download`. `model` is an object, or a bare id as Foundry's REST
-    reference shows it."""
-
-    model: FoundryDownloadModel
-    token: str | None = None
-    ignore_pipe_report: bool = Field(
-        default=True, validation_alias=AliasChoices("IgnorePipeReport", "ignorePipeReport")
-    )
-
-    @field_validator("model", mode="before")
-    @classmethod
-    def _bare_id(cls, v: Any) -> Any:
-        return {"Name": v} if isinstance(v, str) else v
-
-
-class FoundryDownloadResult(_CamelWire):
-    """The last line of a download's progress stream."""
-
-    success: bool
-    error_message: str | None = None
-
-
-class FoundryStatus(_CamelWire):
-    """Body of `GET /openai/status`."""
-
-    endpoints: list[str]
-    model_dir_path: str
-    pipe_name: str | None = None
-    is_auto_registration_resolved: bool = True

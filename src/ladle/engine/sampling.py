@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ladle.engine.grammar import CompiledGrammar
 from ladle.errors import InvalidRequestError
 
 
@@ -37,6 +38,7 @@ class SamplingParams:
     top_logprobs: int = 0
     n: int = 1
     truncate_sequence: bool = False
+    grammar: CompiledGrammar | None = None  # output constrained to it (grammar.py)
 
     def __post_init__(self) -> None:
         checks = [
@@ -48,6 +50,8 @@ class SamplingParams:
             (self.repetition_penalty > 0.0, "repetition_penalty", "must be > 0"),
             (0 <= self.top_logprobs <= 20, "top_logprobs", "must be in [0, 20]"),
             (self.n >= 1, "n", "must be >= 1"),
+            # a stop string could cut a constrained text short and still report "stop"
+            (not (self.stop and self.grammar), "stop", "cannot be combined with a constraint"),
         ]
         for ok, name, message in checks:
             if not ok:

@@ -73,6 +73,7 @@ class Sequence:
         context = prompt_ids if continues_prompt else ()
         self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True, prompt_ids=context)
         self.stop_matcher = StopStringMatcher(params.stop)
+        self.grammar = params.grammar.matcher() if params.grammar else None
 
     @property
     def num_tokens(self) -> int:
@@ -84,7 +85,7 @@ class Sequence:
 
     def append_from_logits(self, logits: torch.Tensor) -> None:
         """Sample the next token from a `[vocab]` row, update state and emit its event."""
-        token_id = self.sampler.sample(self.sampler.process(logits))
+        token_id = self._pick(logits)
         self.sampler.record(token_id)
         self.output_ids.append(token_id)
         event = TokenEvent(self.index, token_id, "")
@@ -95,6 +96,10 @@ class Sequence:
         if token_id in self.stop_token_ids and not self.params.ignore_eos:
             event.text = self.stop_matcher.push(self.decoder.flush()) + self.stop_matcher.flush()
             self._finish(event, "stop")
+        elif self.grammar is not None and self.grammar.is_done:
+            # the constrained text is whole (and has no stop strings): no end token needed
+            event.text = self.decoder.push(token_id) + self.decoder.flush()
+            self._finish(event, "stop")
         else:
             event.text = self.stop_matcher.push(self.decoder.push(token_id))
             if self.stop_matcher.stopped:
@@ -104,6 +109,18 @@ class Sequence:
                 event.text += tail + self.stop_matcher.flush()
                 self._finish(event, "stop" if self.stop_matcher.stopped else "length")
         self.sink.put(event)
+
+    def _pick(self, logits: torch.Tensor) -> int:
+        """Draw a token; under a constraint, mask and draw again only if the grammar forbids it."""
+        processed = self.sampler.process(logits)
+        token_id = self.sampler.sample(processed)
+        if self.grammar is None:
+            return token_id
+        if not self.grammar.allows(token_id):
+            self.grammar.mask(processed)
+            token_id = self.sampler.sample(processed)
+        self.grammar.consume(token_id)
+        return token_id
 
     def _finish(self, event: TokenEvent, reason: str) -> None:
         self.status = SequenceStatus.FINISHED

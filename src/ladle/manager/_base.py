@@ -18,8 +18,8 @@ from pydantic import ValidationError
 from ladle import service
 from ladle.devices import runnable_device_types
 from ladle.errors import DownloadError, ModelNotFoundError, ServiceError
+from ladle.foundry_protocol import FoundryDownloadResult, FoundryStatus
 from ladle.manager._models import ExecutionProvider, FoundryModelInfo
-from ladle.protocol import FoundryDownloadResult, FoundryStatus
 from ladle.service import ServiceState
 
 logger = logging.getLogger(__name__)

@@ -31,15 +31,15 @@ from ladle.cache import ModelCache
 from ladle.catalog import Catalog, CatalogEntry
 from ladle.download import DownloadProgress, download_model
 from ladle.errors import InvalidRequestError
-from ladle.protocol import (
+from ladle.foundry_protocol import (
     FoundryDownloadRequest,
     FoundryDownloadResult,
     FoundryListEntry,
     FoundryModelSettings,
     FoundryRuntime,
     FoundryStatus,
-    parse_body,
 )
+from ladle.protocol import parse_body
 from ladle.server.errors import to_error
 from ladle.server.lifecycle import ModelPool
 from ladle.server.openai_routes import ClosingStreamingResponse

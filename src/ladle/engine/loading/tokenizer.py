@@ -190,6 +190,10 @@ class Tokenizer:
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
 
+    def to_json(self) -> str:
+        """The pipeline as `tokenizer.json` text, for libraries that rebuild it (llguidance)."""
+        return self._backend.to_str()
+
 
 class IncrementalDecoder:
     """Turns a stream of token ids into text pieces that never split a character.
