@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -38,6 +39,7 @@ from ladle.server.lifecycle import Lease, ModelPool
 from ladle.server.metrics import Metrics
 
 Chunk = ChatCompletionChunk | CompletionResponse
+StreamedRequest = TypeVar("StreamedRequest", ChatCompletionRequest, CompletionRequest)
 
 
 class OpenAIRoutes:
@@ -64,9 +66,7 @@ class OpenAIRoutes:
     async def chat_completions(self, request: Request) -> Response:
         req = parse_body(ChatCompletionRequest, await request.body())
         if req.stream:
-            wants_usage = bool(req.stream_options and req.stream_options.include_usage)
-            # usage is always asked of the model, for the metrics; dropped if not wanted
-            counted = req.model_copy(update={"stream_options": StreamOptions(include_usage=True)})
+            counted, wants_usage = _counting_usage(req)
             return await self._stream(
                 req.model, lambda m: m.stream_chat_request(counted), wants_usage
             )
@@ -79,8 +79,7 @@ class OpenAIRoutes:
     async def completions(self, request: Request) -> Response:
         req = parse_body(CompletionRequest, await request.body())
         if req.stream:
-            wants_usage = bool(req.stream_options and req.stream_options.include_usage)
-            counted = req.model_copy(update={"stream_options": StreamOptions(include_usage=True)})
+            counted, wants_usage = _counting_usage(req)
             return await self._stream(
                 req.model, lambda m: m.stream_completion_request(counted), wants_usage
             )
@@ -186,6 +185,14 @@ class _StreamMeter:
     def close(self) -> None:
         if self.model:
             self.metrics.observe_tokens(self.model, self.prompt_tokens or 0, self.tokens)
+
+
+def _counting_usage(req: StreamedRequest) -> tuple[StreamedRequest, bool]:
+    """The request as the model gets it, always asking for usage (the metrics count tokens
+    from it), and whether the client asked for usage (else that chunk is dropped)."""
+    wants_usage = bool(req.stream_options and req.stream_options.include_usage)
+    counted = req.model_copy(update={"stream_options": StreamOptions(include_usage=True)})
+    return counted, wants_usage
 
 
 def _carries_token(chunk: Chunk) -> bool:
