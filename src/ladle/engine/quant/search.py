@@ -1,0 +1,102 @@
+"""Weighted scale searches shared by the GGML quantizers, vectorized over blocks.
+
+Both follow llama.cpp (`make_qx_quants`, `make_qkx2_quants`): try a grid of candidate
+scales for every block at once, round, solve the weighted least-squares scale (and offset)
+for those integers, and keep per block the candidate whose weighted error
+`sum w_i (x_i - q_i)^2` is least. The loop runs over the ~20 candidates, never over blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def importance(
+    x: torch.Tensor, imatrix: torch.Tensor | None, sigma_scale: float = 1.0
+) -> torch.Tensor:
+    """Per-weight error weights for rows `x` [rows, k], as llama.cpp's `quant_weights` path.
+
+    With an importance matrix (mean squared activation per input channel, [k]) the weight is
+    `imatrix_i * sqrt(sigma2 + x_i^2)`; without, `rms(row) + |x_i|`, which favours the large
+    values that dominate a dot product.
+    """
+    x2 = x * x
+    if imatrix is None:
+        return x2.mean(dim=-1, keepdim=True).sqrt() + x.abs()
+    sigma2 = sigma_scale * x2.mean(dim=-1, keepdim=True)
+    return imatrix.to(x.dtype) * (sigma2 + x2).sqrt()
+
+
+def symmetric_scale(x: torch.Tensor, w: torch.Tensor, nmax: int) -> torch.Tensor:
+    """Best scale `d` per block of `x` [blocks, n] for `q = clamp(round(x / d), -nmax, nmax - 1)`.
+
+    Candidates start from llama.cpp's reference (`d = max / -nmax`, with `max` the signed value
+    of largest magnitude) and scan +-0.9 around `nmax`; zero blocks get `d = 0`.
+    """
+    idx = x.abs().argmax(dim=-1, keepdim=True)
+    signed_max = x.gather(-1, idx)  # [blocks, 1]
+    safe_max = torch.where(signed_max == 0, torch.ones_like(signed_max), signed_max)
+    best_scale = signed_max / -nmax
+    best_score = torch.full_like(signed_max, -1.0)
+    for step in range(-9, 10):
+        iscale = -(nmax + 0.1 * step) / safe_max
+        q = (iscale * x).round().clamp(-nmax, nmax - 1)
+        sum_lx = (w * x * q).sum(-1, keepdim=True)
+        sum_l2 = (w * q * q).sum(-1, keepdim=True)
+        ok = sum_l2 > 0
+        score = torch.where(ok, sum_lx * sum_lx / sum_l2.clamp_min(1e-30), -1.0)
+        better = score > best_score
+        best_score = torch.where(better, score, best_score)
+        best_scale = torch.where(better, sum_lx / sum_l2.clamp_min(1e-30), best_scale)
+    return torch.where(signed_max == 0, torch.zeros_like(best_scale), best_scale)
+
+
+def affine_scale_min(
+    x: torch.Tensor, w: torch.Tensor, nmax: int, steps: int = 20, signed_min: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best `(scale, min)` per block for `x ~ scale * q + min`, `q` in `0..nmax`.
+
+    llama.cpp's `make_qkx2_quants` with `rmin=-1, rdelta=0.1`: for each candidate inverse
+    scale, round, then solve the 2x2 weighted least squares for scale and offset. The offset
+    is clamped to <= 0 (K-quants store `-min` unsigned) unless `signed_min` (Q4_1 stores it
+    as a signed fp16).
+    """
+    lo = x.amin(dim=-1, keepdim=True)
+    if not signed_min:
+        lo = lo.clamp_max(0.0)
+    hi = x.amax(dim=-1, keepdim=True)
+    span = (hi - lo).clamp_min(1e-30)
+    best_scale = span / nmax
+    best_min = lo
+    best_err = _affine_error(x, w, best_scale, best_min, nmax)
+    sum_w = w.sum(-1, keepdim=True)
+    sum_x = (w * x).sum(-1, keepdim=True)
+    for step in range(steps + 1):
+        iscale = (-1.0 + 0.1 * step + nmax) / span
+        q = (iscale * (x - lo)).round().clamp(0, nmax)
+        sum_l = (w * q).sum(-1, keepdim=True)
+        sum_l2 = (w * q * q).sum(-1, keepdim=True)
+        sum_xl = (w * x * q).sum(-1, keepdim=True)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        safe_det = torch.where(det > 0, det, torch.ones_like(det))
+        scale = (sum_w * sum_xl - sum_x * sum_l) / safe_det
+        mn = (sum_l2 * sum_x - sum_l * sum_xl) / safe_det
+        positive = (mn > 0) & (not signed_min)  # refit the scale alone with the offset pinned at 0
+        scale = torch.where(positive, sum_xl / sum_l2.clamp_min(1e-30), scale)
+        mn = torch.where(positive, torch.zeros_like(mn), mn)
+        err = _affine_error(x, w, scale, mn, nmax)
+        better = (det > 0) & (err < best_err)
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_min = torch.where(better, mn, best_min)
+    flat = hi == lo
+    return torch.where(flat, torch.zeros_like(best_scale), best_scale), best_min
+
+
+def _affine_error(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, nmax: int
+) -> torch.Tensor:
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = ((x - mn) / safe).round().clamp(0, nmax)
+    diff = scale * q + mn - x
+    return (w * diff * diff).sum(-1, keepdim=True)
