@@ -64,7 +64,7 @@ def test_int4_falls_back_to_dense_when_rows_are_not_in_sixteens() -> None:
 
 def test_other_ggml_types_are_dequantized_once() -> None:
     values = np.random.default_rng(0).standard_normal((48, 64), dtype=np.float32)
-    w = GGMLTensor("w", T.Q8_0, quantize(values, T.Q8_0), (48, 64))
+    w = GGMLTensor("w", T.Q5_0, quantize(values, T.Q5_0), (48, 64))
     layer = Linear(64, 48)
     layer.load_weight(w, torch.bfloat16)
     assert layer.int4 is None and layer.weight.dtype == torch.bfloat16

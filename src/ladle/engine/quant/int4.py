@@ -36,13 +36,14 @@ Affine4 = tuple[np.ndarray, np.ndarray, np.ndarray]
 @dataclass(slots=True)
 class Int4Weight:
     packed: torch.Tensor  # uint8 [out_features, in_features / 2], torch's CPU layout
-    scales_and_zeros: torch.Tensor  # bf16 [in_features / 32, out_features, 2]
+    scales_and_zeros: torch.Tensor  # bf16 [in_features / group_size, out_features, 2]
+    group_size: int = GROUP_SIZE  # 32 for GGML blocks, 64 for HQQ4
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2, self.packed, GROUP_SIZE, self.scales_and_zeros
+            x2, self.packed, self.group_size, self.scales_and_zeros
         )
         return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
 
@@ -51,8 +52,12 @@ def can_pack_int4(weight: GGMLTensor) -> bool:
     return (
         weight.ggml_type in _UNPACKERS
         and len(weight.shape) == 2
-        and weight.shape[0] % _OUT_MULTIPLE == 0
+        and fits_int4_kernel(weight.shape[0])
     )
+
+
+def fits_int4_kernel(out_features: int) -> bool:
+    return out_features % _OUT_MULTIPLE == 0
 
 
 def unpack_int4(weight: GGMLTensor) -> Affine4:
@@ -63,13 +68,17 @@ def unpack_int4(weight: GGMLTensor) -> Affine4:
 
 def pack_int4(weight: GGMLTensor) -> Int4Weight:
     """Repack a Q4_0 / Q4_1 / Q4_K weight's nibbles and block constants for the int4 kernel."""
-    q, scale, zero = unpack_int4(weight)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-        torch.from_numpy(q.astype(np.int32)), 1
-    )
-    sz = np.stack([scale, zero], axis=-1).transpose(1, 0, 2)  # [k/32, n, 2]
-    scales_and_zeros = torch.from_numpy(np.ascontiguousarray(sz)).to(torch.bfloat16)
-    return Int4Weight(packed, scales_and_zeros)
+    q, scale, zero = (torch.from_numpy(a) for a in unpack_int4(weight))
+    return pack_affine4(q, scale, zero, GROUP_SIZE)
+
+
+def pack_affine4(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
+) -> Int4Weight:
+    """Pack `w = (q - 8) * scale + zero` (q [n, k] in 0..15; scale, zero [n, k / group])."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # [k / group, n, 2]
+    return Int4Weight(packed, sz.to(torch.bfloat16).contiguous(), group_size)
 
 
 def _unpack_q4_0(rows: np.ndarray, n: int, k: int) -> Affine4:
