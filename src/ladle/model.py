@@ -188,6 +188,14 @@ class Model:
             functools.partial(core.engine.prompt_logits, prompt)
         ).result(), prompt
 
+    def logits_for(self, ids: list[int]) -> torch.Tensor:
+        """Logits after every token of `ids` (float32 `[len(ids), vocab]`), as one sequence.
+
+        Row `i` scores the token after `ids[: i + 1]`: what scoring a text (perplexity) needs.
+        `send_raw_chat_request` gives only the last row, for a rendered chat.
+        """
+        return self._core.logits_for(ids).result()
+
     def generate_embeddings(self, request: EmbeddingInput) -> list[list[float]]:
         """One vector per input, in input order: texts, or an `EmbeddingRequestBuilder`."""
         return [d.vector() for d in self.send_embedding_request(request).data]
@@ -346,6 +354,9 @@ class AsyncModel:
             core.engine.run(functools.partial(core.engine.prompt_logits, prompt))
         )
         return logits, prompt
+
+    async def logits_for(self, ids: list[int]) -> torch.Tensor:
+        return await asyncio.wrap_future(self._core.logits_for(ids))
 
     async def generate_embeddings(self, request: EmbeddingInput) -> list[list[float]]:
         response = await self.send_embedding_request(request)

@@ -13,12 +13,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
+
 from ladle.engine.engine import EngineConfig, LLMEngine
 from ladle.engine.grammar import GrammarCompiler
 from ladle.engine.loader import LoadedModel
 from ladle.engine.loading.chat_template import render_chat_template, validate_messages
+from ladle.engine.models.base import CausalLM
 from ladle.engine.sampling import SamplingParams
-from ladle.errors import InvalidRequestError
+from ladle.errors import ContextLengthError, InvalidRequestError
 from ladle.messages import RequestBuilder, TextMessages
 from ladle.protocol import (
     ChatCompletionChunk,
@@ -59,6 +62,8 @@ class ModelInfo:
 
 Core = TypeVar("Core")
 
+SCORE_CHUNK_SIZE = 512  # tokens per forward in `sequence_logits`: bounds attention memory
+
 
 def start_on_own_thread(make: Callable[[], Core], serve: Callable[[Core], None], name: str) -> Core:
     """Build a model's core on a new thread, which then serves it; wait until it is built.
@@ -81,6 +86,26 @@ def start_on_own_thread(make: Callable[[], Core], serve: Callable[[Core], None],
 
     threading.Thread(target=main, name=name, daemon=True).start()
     return ready.result()
+
+
+@torch.inference_mode()
+def sequence_logits(model: CausalLM, dtype: torch.dtype, ids: list[int]) -> torch.Tensor:
+    """Logits after every token of `ids` (float32 `[len(ids), vocab]`), from one new cache.
+
+    Runs the model directly, chunk by chunk as a prefill does, on the engine's thread
+    (`engine.run`), so it never waits in or disturbs the scheduler's batches.
+    """
+    cache = model.new_cache(dtype)
+    tokens = torch.tensor(ids, dtype=torch.long)
+    out: torch.Tensor | None = None
+    for start in range(0, len(ids), SCORE_CHUNK_SIZE):
+        part = tokens[start : start + SCORE_CHUNK_SIZE]
+        logits = model(part, torch.arange(start, start + len(part)), cache)
+        if out is None:  # allocated once: no second [T, vocab] copy as torch.cat would make
+            out = torch.empty(len(ids), logits.shape[-1], dtype=torch.float32)
+        out[start : start + len(part)] = logits
+    assert out is not None  # ids is never empty here: `ModelCore.logits_for` checks
+    return out
 
 
 class ModelCore:
@@ -180,10 +205,26 @@ class ModelCore:
     def completion_prompt(self, req: CompletionRequest) -> list[int]:
         if isinstance(req.prompt, str):
             return self.tokenizer.encode(req.prompt, add_special_tokens=True)
-        vocab = self.tokenizer.vocab_size
-        if any(not 0 <= t < vocab for t in req.prompt):
-            raise InvalidRequestError(f"token ids must be in [0, {vocab})", param="prompt")
+        self.check_token_ids(req.prompt, "prompt")
         return list(req.prompt)
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.tokenizer.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"token ids must be in [0, {vocab})", param=param)
+
+    def logits_for(self, ids: list[int]) -> Future[torch.Tensor]:
+        """Logits after every token of `ids` (float32 `[len(ids), vocab]`), computed on the
+        engine thread; row `i` scores the token that would follow `ids[: i + 1]`."""
+        if not ids:
+            raise InvalidRequestError("needs at least one token id", param="ids")
+        if len(ids) > self.max_seq_len:
+            raise ContextLengthError(
+                f"{len(ids)} tokens exceed the model's context of {self.max_seq_len}", param="ids"
+            )
+        self.check_token_ids(ids, "ids")
+        model, dtype = self.loaded.model, self.loaded.dtype
+        return self.engine.run(lambda: sequence_logits(model, dtype, ids))
 
     def sampling(
         self, req: ChatCompletionRequest | CompletionRequest, logprobs: bool, top: int

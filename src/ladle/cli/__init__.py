@@ -6,6 +6,7 @@ ladle service start|stop|restart|status|ps     manage the background service (se
 ladle model list|info|download|load|unload     the catalog, and models in the service (models.py)
 ladle model register|unregister                local model files under an alias (models.py)
 ladle cache list|location|remove               the downloaded models (models.py)
+ladle perplexity MODEL FILE                    how well a model predicts a text (perplexity.py)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import sys
 
 from ladle.cli.models import add_cache, add_model
+from ladle.cli.perplexity import add_perplexity
 from ladle.cli.run import add_run
 from ladle.cli.serve import add_serve, add_service
 from ladle.errors import LadleError
@@ -43,4 +45,5 @@ def _parser() -> argparse.ArgumentParser:
     add_service(sub)
     add_model(sub)
     add_cache(sub)
+    add_perplexity(sub)
     return parser
