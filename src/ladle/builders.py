@@ -19,6 +19,7 @@ from ladle.catalog import resolve
 from ladle.embedding_core import EmbeddingCore
 from ladle.engine.embedding_loader import LoadedEmbedder, load_embedder
 from ladle.engine.loader import LoadedModel, load_model
+from ladle.engine.quant.isq import parse_isq_type
 from ladle.errors import InvalidRequestError, ModelLoadError
 from ladle.model import AsyncModel, Model
 from ladle.model_core import ModelCore
@@ -45,6 +46,8 @@ class _Builder:
         self.chat_template: str | None = None
         self.tokenizer_path: str | None = None
         self.num_threads: int | None = None
+        self.isq: str | None = None
+        self.imatrix: str | None = None
 
     def with_dtype(self, dtype: str | torch.dtype) -> Self:
         """Compute dtype: "auto" (float32 on CPU), "f32", "bf16" or "f16"."""
@@ -96,11 +99,37 @@ class _Builder:
         self.num_threads = num_threads
         return self
 
+    def with_isq(self, isq_type: str | int) -> Self:
+        """Quantize the linear layers as they load (in-situ quantization).
+
+        Types as mistral.rs names them: Q4_0, Q4_1, Q4K, Q5K, Q6K, Q8_0, HQQ4, HQQ8, F16, BF16
+        (case-insensitive), or bits: 4 (Q4K), 5, 6, 8 (Q8_0). Embeddings and the output
+        head keep their precision.
+        """
+        try:
+            self.isq = parse_isq_type(isq_type)
+        except ValueError as e:
+            raise InvalidRequestError(str(e), "isq") from e
+        return self
+
+    def with_imatrix(self, path: str | os.PathLike[str]) -> Self:
+        """Weight ISQ's error by an importance matrix: llama.cpp's `imatrix.dat` or GGUF
+        imatrix, or a `.cimatrix` saved by `apply_calibration`. Needs `with_isq`."""
+        self.imatrix = str(Path(path).expanduser())
+        return self
+
+    def _check_isq(self) -> None:
+        if self.imatrix is not None and self.isq is None:
+            raise InvalidRequestError(
+                "with_imatrix needs with_isq (the type to quantize to)", "imatrix"
+            )
+
     def with_logging(self) -> Self:
         logging.basicConfig(level=logging.INFO)
         return self
 
     def _core(self) -> ModelCore | EmbeddingCore:
+        self._check_isq()
         return ModelCore.start(
             self._load, self.model_id or self.path.name, self.max_num_seqs, self.max_seq_len
         )
@@ -113,6 +142,8 @@ class _Builder:
             dtype=self.dtype,
             chat_template=self.chat_template,
             tokenizer_path=self.tokenizer_path,
+            isq=self.isq,
+            imatrix=self.imatrix,
         )
 
     def build(self) -> Model:
@@ -157,6 +188,7 @@ class EmbeddingModelBuilder(_Builder):
         self.max_num_seqs = 32
 
     def _core(self) -> EmbeddingCore:
+        self._check_isq()
         self.path = resolve(str(self.path))
         return EmbeddingCore.start(
             self._load_embedder,
@@ -173,4 +205,6 @@ class EmbeddingModelBuilder(_Builder):
             dtype=self.dtype,
             max_num_seqs=self.max_num_seqs,
             tokenizer_path=self.tokenizer_path,
+            isq=self.isq,
+            imatrix=self.imatrix,
         )

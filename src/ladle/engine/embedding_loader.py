@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ladle.engine.embedder import Embedder
-from ladle.engine.loader import load_checkpoint
+from ladle.engine.loader import IsqRequest, isq_spec, load_checkpoint
 from ladle.engine.loading.config import ModelConfig
 from ladle.engine.loading.encoder_config import (
     ENCODER_ARCHITECTURES,
@@ -32,6 +32,7 @@ from ladle.engine.models import ARCHITECTURES
 from ladle.engine.models.base import CausalLM, Weight
 from ladle.engine.models.bert import BertModel
 from ladle.engine.pooling import Pooling
+from ladle.engine.quant.isq import parse_isq_type
 from ladle.errors import ModelLoadError
 
 _GGUF_POOLING = {1: "mean", 2: "cls", 3: "last"}  # llama.cpp's LLAMA_POOLING_TYPE_*
@@ -53,9 +54,17 @@ def load_embedder(
     dtype: torch.dtype = torch.float32,
     max_num_seqs: int = 32,
     tokenizer_path: str | Path | None = None,
+    isq: str | None = None,
+    imatrix: str | Path | None = None,
 ) -> LoadedEmbedder:
-    """Load an embedding model from a GGUF file or a Hugging Face folder."""
+    """Load an embedding model from a GGUF file or a Hugging Face folder.
+
+    `isq` quantizes its linear layers as they load (`quant/isq.py`), weighted by `imatrix`.
+    """
     path = Path(path).expanduser()
+    if imatrix is not None and isq is None:
+        raise ModelLoadError(imatrix, "an importance matrix needs an ISQ type to weight")
+    request = (parse_isq_type(isq), imatrix) if isq is not None else None
     if path.is_dir() and not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) != 1:
@@ -63,11 +72,11 @@ def load_embedder(
         path = ggufs[0]
     if path.is_file():
         gguf = read_gguf(path)
-        model, spec, max_len = _from_gguf(gguf, dtype)
+        model, spec, max_len = _from_gguf(gguf, dtype, request)
         tokenizer = _gguf_tokenizer(gguf, tokenizer_path)
         file_format = "gguf"
     elif path.is_dir():
-        model, spec, max_len = _from_folder(path, dtype)
+        model, spec, max_len = _from_folder(path, dtype, request)
         tokenizer = Tokenizer.from_folder(Path(tokenizer_path or path))
         file_format = "safetensors"
     else:
@@ -93,7 +102,9 @@ def is_embedding_model(path: Path) -> bool:
     return False
 
 
-def _from_folder(path: Path, dtype: torch.dtype) -> tuple[BertModel | CausalLM, EmbeddingSpec, int]:
+def _from_folder(
+    path: Path, dtype: torch.dtype, request: IsqRequest
+) -> tuple[BertModel | CausalLM, EmbeddingSpec, int]:
     config_file = path / "config.json"
     try:
         raw = json.loads(config_file.read_text())
@@ -102,24 +113,27 @@ def _from_folder(path: Path, dtype: torch.dtype) -> tuple[BertModel | CausalLM, 
     if raw.get("model_type") in ENCODER_ARCHITECTURES:
         config = EncoderConfig.from_hf(raw, config_file)
         encoder = BertModel(config)
-        load_checkpoint(encoder, safetensors_weights(path), dtype, path)
+        isq = isq_spec(request, config.architecture)
+        load_checkpoint(encoder, safetensors_weights(path), dtype, path, isq)
         return encoder, read_embedding_spec(path, "mean"), config.max_seq_len
     decoder = _decoder(ModelConfig.from_hf(raw, config_file))
-    load_checkpoint(decoder, _decoder_names(safetensors_weights(path)), dtype, path)
+    isq = isq_spec(request, decoder.config.architecture)
+    load_checkpoint(decoder, _decoder_names(safetensors_weights(path)), dtype, path, isq)
     return decoder, read_embedding_spec(path, "last"), decoder.config.max_position_embeddings
 
 
 def _from_gguf(
-    gguf: GGUFFile, dtype: torch.dtype
+    gguf: GGUFFile, dtype: torch.dtype, request: IsqRequest
 ) -> tuple[BertModel | CausalLM, EmbeddingSpec, int]:
+    isq = isq_spec(request, gguf.architecture)
     if gguf.architecture in GGUF_ENCODER_ARCHITECTURES:
         config = EncoderConfig.from_gguf(gguf)
         model: BertModel | CausalLM = BertModel(config)
-        load_checkpoint(model, gguf_encoder_weights(gguf), dtype, gguf.path)
+        load_checkpoint(model, gguf_encoder_weights(gguf), dtype, gguf.path, isq)
         default, max_len = "mean", config.max_seq_len
     else:
         model = _decoder(ModelConfig.from_gguf(gguf))
-        load_checkpoint(model, gguf_weights(gguf, model.config), dtype, gguf.path)
+        load_checkpoint(model, gguf_weights(gguf, model.config), dtype, gguf.path, isq)
         default, max_len = "last", model.config.max_position_embeddings
     pooling_type = gguf.get("pooling_type") or 0  # 0: none given, the family's default
     if pooling_type and pooling_type not in _GGUF_POOLING:

@@ -14,12 +14,16 @@ from pathlib import Path
 
 import torch
 
+from ladle.engine.layers.embedding import LMHead
+from ladle.engine.layers.linear import Linear
 from ladle.engine.loading.config import ModelConfig
 from ladle.engine.loading.gguf import read_gguf
 from ladle.engine.loading.tokenizer import Tokenizer
-from ladle.engine.loading.weights import gguf_weights, safetensors_weights
+from ladle.engine.loading.weights import gguf_module_name, gguf_weights, safetensors_weights
 from ladle.engine.models import ARCHITECTURES
 from ladle.engine.models.base import CausalLM, CheckpointModule, Weight
+from ladle.engine.quant.imatrix import read_imatrix
+from ladle.engine.quant.isq import IsqSpec, parse_isq_type
 from ladle.errors import ModelLoadError, UnsupportedArchitectureError
 
 
@@ -31,6 +35,7 @@ class LoadedModel:
     path: Path
     dtype: torch.dtype
     file_format: str  # "gguf" or "safetensors"
+    isq: IsqSpec | None = None  # how the linear layers were quantized on load
 
 
 def load_model(
@@ -39,13 +44,22 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     chat_template: str | None = None,
     tokenizer_path: str | Path | None = None,
+    isq: str | None = None,
+    imatrix: str | Path | None = None,
 ) -> LoadedModel:
-    """Load a GGUF file or a Hugging Face safetensors folder."""
+    """Load a GGUF file or a Hugging Face safetensors folder.
+
+    `isq` quantizes the linear layers as they load (an ISQ type name, `quant/isq.py`),
+    weighted by the importance matrix file `imatrix` if given.
+    """
     path = Path(path).expanduser()
+    if imatrix is not None and isq is None:
+        raise ModelLoadError(imatrix, "an importance matrix needs an ISQ type to weight")
+    request = (parse_isq_type(isq), imatrix) if isq is not None else None
     if path.is_file():
-        loaded = _load_gguf(path, dtype)
+        loaded = _load_gguf(path, dtype, request)
     elif path.is_dir():
-        loaded = _load_folder(path, dtype)
+        loaded = _load_folder(path, dtype, request)
     else:
         raise ModelLoadError(path, "no such file or directory")
     if tokenizer_path is not None:
@@ -67,9 +81,14 @@ def _build(config: ModelConfig, path: Path) -> CausalLM:
 
 
 def load_checkpoint(
-    model: CheckpointModule, weights: Iterable[tuple[str, Weight]], dtype: torch.dtype, path: Path
+    model: CheckpointModule,
+    weights: Iterable[tuple[str, Weight]],
+    dtype: torch.dtype,
+    path: Path,
+    isq: IsqSpec | None = None,
 ) -> None:
-    """Load, naming the model's file in errors that only knew the tensor."""
+    """Load (quantizing linear layers to `isq`), naming the file in errors about a tensor."""
+    assign_isq(model, isq)
     try:
         model.load_weights(weights, dtype)
     except ModelLoadError as e:
@@ -78,21 +97,65 @@ def load_checkpoint(
         raise type(e)(path, f"{e.path}: {e.reason}") from e
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
+IsqRequest = tuple[str, str | Path | None] | None  # (ISQ type, importance matrix file)
+
+
+def isq_spec(request: IsqRequest, architecture: str) -> IsqSpec | None:
+    """The spec for a model of `architecture`, its importance matrix read and named by module."""
+    if request is None:
+        return None
+    isq_type, imatrix_path = request
+    if imatrix_path is None:
+        return IsqSpec(isq_type)
+    found = read_imatrix(imatrix_path)
+    vectors = found.vectors
+    if found.gguf_names:
+        modules = ((gguf_module_name(n, architecture), v) for n, v in vectors.items())
+        vectors = {m: v for m, v in modules if m is not None}
+        if not vectors:
+            raise ModelLoadError(imatrix_path, f"no tensor name matches a {architecture} layer")
+    return IsqSpec(isq_type, vectors)
+
+
+def assign_isq(model: CheckpointModule, spec: IsqSpec | None) -> None:
+    """Give every linear layer but the output head its ISQ spec (None: load as stored)."""
+    fused_parts: dict[str, list[str]] = {}
+    for part, (fused, _) in model.packed_modules_mapping.items():
+        fused_parts.setdefault(fused, []).append(part)
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and not isinstance(module, LMHead):
+            prefix, _, leaf = name.rpartition(".")
+            parts = [f"{prefix}.{p}" if prefix else p for p in fused_parts.get(leaf, [])]
+            module.isq = None if spec is None else spec.for_layer([name, *parts])
+
+
+def reload_model(loaded: LoadedModel, isq: IsqSpec) -> CausalLM:
+    """A second copy of `loaded`'s model, read again from its source file, quantized to `isq`."""
+    model = _build(loaded.config, loaded.path)
+    if loaded.file_format == "gguf":
+        weights: Iterable[tuple[str, Weight]] = gguf_weights(read_gguf(loaded.path), loaded.config)
+    else:
+        weights = safetensors_weights(loaded.path)
+    load_checkpoint(model, weights, loaded.dtype, loaded.path, isq)
+    return model.eval()
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, request: IsqRequest = None) -> LoadedModel:
     gguf = read_gguf(path)
     config = ModelConfig.from_gguf(gguf)
     model = _build(config, path)
-    load_checkpoint(model, gguf_weights(gguf, config), dtype, path)
+    isq = isq_spec(request, config.architecture)
+    load_checkpoint(model, gguf_weights(gguf, config), dtype, path, isq)
     tokenizer = Tokenizer.from_gguf(gguf.metadata, path)
-    return LoadedModel(model.eval(), tokenizer, config, path, dtype, "gguf")
+    return LoadedModel(model.eval(), tokenizer, config, path, dtype, "gguf", isq)
 
 
-def _load_folder(path: Path, dtype: torch.dtype) -> LoadedModel:
+def _load_folder(path: Path, dtype: torch.dtype, request: IsqRequest = None) -> LoadedModel:
     config_file = path / "config.json"
     if not config_file.is_file():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return _load_gguf(ggufs[0], dtype)
+            return _load_gguf(ggufs[0], dtype, request)
         raise ModelLoadError(path, "no config.json (and not exactly one .gguf file) in folder")
     try:
         raw = json.loads(config_file.read_text())
@@ -100,9 +163,10 @@ def _load_folder(path: Path, dtype: torch.dtype) -> LoadedModel:
         raise ModelLoadError(config_file, f"invalid JSON ({e})") from e
     config = ModelConfig.from_hf(raw, config_file)
     model = _build(config, path)
-    load_checkpoint(model, safetensors_weights(path), dtype, path)
+    isq = isq_spec(request, config.architecture)
+    load_checkpoint(model, safetensors_weights(path), dtype, path, isq)
     tokenizer = Tokenizer.from_folder(path)
-    return LoadedModel(model.eval(), tokenizer, config, path, dtype, "safetensors")
+    return LoadedModel(model.eval(), tokenizer, config, path, dtype, "safetensors", isq)
 
 
 def _read_template(template: str) -> str:

@@ -1,7 +1,8 @@
 """The linear layer every architecture uses, in the fastest form its weight allows.
 
-A `Linear` is built empty and filled by `load_weight`; the weight's format picks the kernel,
-and the forward is one kernel call:
+A `Linear` is built empty and filled by `load_weight`, which first quantizes the weight when
+the layer has an ISQ spec (`quant/isq.py`); the weight's format picks the kernel, and the
+forward is one kernel call:
 - Q4_0 / Q4_1 / Q4_K (GGML, group 32) and HQQ4 (group 64): torch's CPU int4 kernel, without
   re-quantizing (`quant/int4.py`).
 - Q8_0: torch's `_weight_int8pack_mm` (`quant/int8.py`; per-row scales, so re-rounded).
@@ -45,6 +46,7 @@ from ladle.engine.quant.int4 import (
     pack_int4,
 )
 from ladle.engine.quant.int8 import Int8Weight, pack_int8
+from ladle.engine.quant.isq import LayerIsq
 from ladle.errors import ModelLoadError
 
 LinearWeight = torch.Tensor | GGMLTensor | HQQWeight
@@ -74,6 +76,7 @@ class Linear(nn.Module):
         self.bias: torch.Tensor | None = None
         self.has_bias = bias
         self.calibration: ActivationStats | None = None
+        self.isq: LayerIsq | None = None  # set before loading: quantize the weight as it comes
 
     def load_weight(
         self,
@@ -89,6 +92,8 @@ class Linear(nn.Module):
                 f"shape {tuple(weight.shape)} does not match the layer's "
                 f"{(self.out_features, self.in_features)}",
             )
+        if self.isq is not None:
+            weight = self.isq.quantize(weight, getattr(weight, "name", "weight"))
         self.weight, self.int4, self.int8 = None, None, None
         if isinstance(weight, GGMLTensor) and can_pack_int4(weight):
             self.int4 = pack_int4(weight)
@@ -134,6 +139,11 @@ class Linear(nn.Module):
                 return F.linear(x, w, self.bias)
             y = F.linear(x.to(w.dtype), w).to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+    def take_weights(self, other: Linear) -> None:
+        """Adopt `other`'s weight in whatever form it holds (a re-quantized copy of this one)."""
+        self.weight, self.int4, self.int8 = other.weight, other.int4, other.int8
+        self.bias, self.isq = other.bias, other.isq
 
     @torch.no_grad()
     def dequantized(self) -> torch.Tensor:

@@ -119,6 +119,12 @@ def gguf_weights(
         yield hf_name, weight
 
 
+def gguf_module_name(gguf_name: str, architecture: str) -> str | None:
+    """The Hugging Face module a llama.cpp tensor name (`blk.0.attn_q.weight`) belongs to."""
+    hf_name = _hf_name(gguf_name, _GGUF_BLOCKS.get(architecture, _GGUF_BLOCK))
+    return None if hf_name is None else hf_name.rpartition(".")[0]
+
+
 def _hf_name(gguf_name: str, block_names: dict[str, str]) -> str | None:
     module, _, param = gguf_name.rpartition(".")
     if module in _GGUF_TOP:

@@ -18,7 +18,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ladle.engine.quant.ggml import GGMLTensor
-from ladle.engine.quant.search import affine_scale_min, importance, symmetric_scale
+from ladle.engine.quant.search import affine_scale_min, importance, one_thread, symmetric_scale
 
 Q = GGMLQuantizationType
 Quantizer = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (rows, imatrix) -> bytes
@@ -54,10 +54,11 @@ def quantize(
         )
     out = np.empty((rows, cols // block_size * type_size), dtype=np.uint8)
     step = max(1, _SLICE_ELEMENTS // cols)
-    for start in range(0, rows, step):
-        x = weight[start : start + step].detach().to(torch.float32)
-        data = _QUANTIZERS[ggml_type](x, imatrix)
-        out[start : start + len(x)] = data.reshape(len(x), -1).numpy()
+    with one_thread():
+        for start in range(0, rows, step):
+            x = weight[start : start + step].detach().to(torch.float32)
+            data = _QUANTIZERS[ggml_type](x, imatrix)
+            out[start : start + len(x)] = data.reshape(len(x), -1).numpy()
     return GGMLTensor(name, ggml_type, out, (rows, cols))
 
 

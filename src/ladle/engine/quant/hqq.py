@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ladle.engine.quant.search import one_thread
+
 GROUP_SIZE = 64
 _LP_NORM = 0.7
 _BETA = 10.0
@@ -50,6 +52,11 @@ class HQQWeight:
 
 def hqq_quantize(weight: torch.Tensor, bits: int, group_size: int = GROUP_SIZE) -> HQQWeight:
     """Quantize `[out, in]` (in a multiple of `group_size`) to `bits` with HQQ's zero points."""
+    with one_thread():
+        return _hqq(weight, bits, group_size)
+
+
+def _hqq(weight: torch.Tensor, bits: int, group_size: int) -> HQQWeight:
     n, k = weight.shape
     if k % group_size:
         raise ValueError(f"{k} input features are not a multiple of HQQ's group of {group_size}")
