@@ -90,7 +90,14 @@ class RequestBuilder:
         return self._set("tools", tools)
 
     def set_tool_choice(self, tool_choice: str | dict[str, Any]) -> RequestBuilder:
+        """`"auto"` (the default with tools), `"none"`, `"required"`, or
+        `{"type": "function", "function": {"name": ...}}`; the last two force a call, whose
+        arguments then always follow the function's parameters."""
         return self._set("tool_choice", tool_choice)
+
+    def set_parallel_tool_calls(self, parallel: bool) -> RequestBuilder:
+        """False: at most one call per reply."""
+        return self._set("parallel_tool_calls", parallel)
 
     def set_constraint(self, constraint: Constraint | dict[str, Any] | None) -> RequestBuilder:
         """Constrain the reply: a `Constraint` (`Constraint.json_schema(Model)`, `.regex`,

@@ -36,7 +36,7 @@ from ladle.protocol import (
     new_id,
     now,
 )
-from ladle.responses import Accumulator, chat_chunk, completion_chunk
+from ladle.responses import Accumulator, completion_chunk
 from ladle.structured import parse_structured, structured_request
 
 M = TypeVar("M", bound=BaseModel)
@@ -108,7 +108,7 @@ class Model:
         """Run a chat request to completion; returns an OpenAI-shaped response with usage."""
         core = self._core
         req, prompt, params = core.prepare_chat(request)
-        acc = Accumulator(params.n, core.tokenizer, len(prompt))
+        acc = core.chat_accumulator(req, prompt, params)
         for event in self._events(prompt, params):
             acc.add(event)
         return acc.chat_response(new_id("chatcmpl"), now(), core.model_id, req.logprobs)
@@ -123,12 +123,11 @@ class Model:
         self, req: ChatCompletionRequest, prompt: list[int], params: SamplingParams
     ) -> Iterator[ChatCompletionChunk]:
         core, rid, created = self._core, new_id("chatcmpl"), now()
-        acc = Accumulator(params.n, core.tokenizer, len(prompt))
+        acc = core.chat_accumulator(req, prompt, params)
         yield from core.first_chunks(rid, created, params.n)
         for event in self._events(prompt, params):
             logprob = acc.add(event)
-            if event.text or event.finish_reason or logprob:
-                yield chat_chunk(rid, created, core.model_id, event, logprob)
+            yield from acc.chat_chunks(rid, created, core.model_id, event, logprob)
         if req.stream_options and req.stream_options.include_usage:
             yield core.usage_chunk(rid, created, acc)
 
@@ -291,7 +290,7 @@ class AsyncModel:
     async def send_chat_request(self, request: ChatInput) -> ChatCompletionResponse:
         core = self._core
         req, prompt, params = core.prepare_chat(request)
-        acc = Accumulator(params.n, core.tokenizer, len(prompt))
+        acc = core.chat_accumulator(req, prompt, params)
         async for event in self._events(prompt, params):
             acc.add(event)
         return acc.chat_response(new_id("chatcmpl"), now(), core.model_id, req.logprobs)
@@ -301,13 +300,13 @@ class AsyncModel:
     ) -> AsyncGenerator[ChatCompletionChunk, None]:
         core, rid, created = self._core, new_id("chatcmpl"), now()
         req, prompt, params = core.prepare_chat(request)
-        acc = Accumulator(params.n, core.tokenizer, len(prompt))
+        acc = core.chat_accumulator(req, prompt, params)
         for chunk in core.first_chunks(rid, created, params.n):
             yield chunk
         async for event in self._events(prompt, params):
             logprob = acc.add(event)
-            if event.text or event.finish_reason or logprob:
-                yield chat_chunk(rid, created, core.model_id, event, logprob)
+            for chunk in acc.chat_chunks(rid, created, core.model_id, event, logprob):
+                yield chunk
         if req.stream_options and req.stream_options.include_usage:
             yield core.usage_chunk(rid, created, acc)
 

@@ -18,7 +18,11 @@ import torch
 from ladle.engine.engine import EngineConfig, LLMEngine
 from ladle.engine.grammar import GrammarCompiler
 from ladle.engine.loader import LoadedModel
-from ladle.engine.loading.chat_template import render_chat_template, validate_messages
+from ladle.engine.loading.chat_template import (
+    render_chat_template,
+    template_capabilities,
+    validate_messages,
+)
 from ladle.engine.models.base import CausalLM
 from ladle.engine.sampling import SamplingParams
 from ladle.errors import ContextLengthError, InvalidRequestError
@@ -34,6 +38,7 @@ from ladle.protocol import (
 )
 from ladle.responses import Accumulator
 from ladle.structured import request_grammar
+from ladle.tool_calls import model_tool_format, template_messages, tool_parsing
 
 ChatInput = (
     str
@@ -44,6 +49,11 @@ ChatInput = (
     | ChatCompletionRequest
 )
 CompletionInput = str | list[int] | CompletionRequest | dict[str, Any]
+
+# max_tokens of a constrained request that sets none: a schema with no bound on its length
+# (an array without maxItems, a free string) lets a small model loop to the end of the context,
+# minutes on a CPU; the cap ends it with finish_reason "length" instead
+CONSTRAINED_MAX_TOKENS = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +135,7 @@ class ModelCore:
             EngineConfig(self.max_seq_len, loaded.dtype, max_num_seqs),
         )
         self.grammars = GrammarCompiler(loaded.tokenizer)
+        self.tool_format = model_tool_format(loaded.tokenizer)
 
     @classmethod
     def start(
@@ -175,9 +186,13 @@ class ModelCore:
                 "or pass chat_template= to the builder",
                 param="messages",
             )
+        checked = validate_messages(messages)
+        if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in checked):
+            capabilities = template_capabilities(template)
+            checked = template_messages(capabilities, self.tool_format, checked, tools)
         return render_chat_template(
             template,
-            validate_messages(messages),
+            checked,
             tools=tools,
             add_generation_prompt=add_generation_prompt,
             enable_thinking=enable_thinking,
@@ -187,9 +202,12 @@ class ModelCore:
         )
 
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        """The prompt ids; tools are shown to the template even under `tool_choice` `none`,
+        as OpenAI and transformers do: earlier calls in the conversation refer to them."""
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         text = self.render_chat(
             [m.to_template_dict() for m in req.messages],
-            tools=req.tools,
+            tools=tools,
             enable_thinking=req.enable_thinking,
             **(req.chat_template_kwargs or {}),
         )
@@ -229,8 +247,10 @@ class ModelCore:
     def sampling(
         self, req: ChatCompletionRequest | CompletionRequest, logprobs: bool, top: int
     ) -> SamplingParams:
+        grammar = request_grammar(self.grammars, req, self.tool_format)
+        max_tokens = req.token_limit()
         return SamplingParams(
-            max_tokens=req.token_limit(),
+            max_tokens=CONSTRAINED_MAX_TOKENS if max_tokens is None and grammar else max_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,
             top_k=req.top_k or 0,
             top_p=1.0 if req.top_p is None else req.top_p,
@@ -245,7 +265,7 @@ class ModelCore:
             top_logprobs=top,
             n=req.n,
             truncate_sequence=req.truncate_sequence,
-            grammar=request_grammar(self.grammars, req),
+            grammar=grammar,
         )
 
     def prepare_chat(
@@ -255,6 +275,13 @@ class ModelCore:
         req = self.chat_request(request)
         params = self.sampling(req, req.logprobs, req.top_logprobs or 0)
         return req, self.engine.fit_prompt(self.chat_prompt(req), params), params
+
+    def chat_accumulator(
+        self, req: ChatCompletionRequest, prompt: list[int], params: SamplingParams
+    ) -> Accumulator:
+        """Collects the reply's events, reading tool calls out of it when tools are offered."""
+        parsing = tool_parsing(req, self.tool_format)
+        return Accumulator(params.n, self.tokenizer, len(prompt), parsing)
 
     def prepare_completion(
         self, request: CompletionInput

@@ -87,7 +87,7 @@ class Constraint(Wire):
     @classmethod
     def json_schema(cls, schema: SchemaSource) -> Constraint:
         if isinstance(schema, type):
-            return cls(type="json_schema", value=_closed(schema.model_json_schema()))
+            return cls(type="json_schema", value=closed_schema(schema.model_json_schema()))
         return cls(type="json_schema", value=schema)
 
     @classmethod
@@ -104,13 +104,13 @@ class Constraint(Wire):
         return cls(type="lark", value=grammar)
 
 
-def _closed(schema: Any) -> Any:
+def closed_schema(schema: Any) -> Any:
     """`schema` with `additionalProperties: false` on every object that lists its properties."""
     if isinstance(schema, list):
-        return [_closed(s) for s in schema]
+        return [closed_schema(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: _closed(v) for k, v in schema.items()}
+    out = {k: closed_schema(v) for k, v in schema.items()}
     if "properties" in out and isinstance(out["properties"], dict):
         out.setdefault("additionalProperties", False)
     return out
@@ -180,19 +180,87 @@ class SamplingFields(Wire):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+class FunctionDefinition(Wire):
+    """A function the model may call; `parameters` is a JSON schema of its arguments object
+    (none means it takes no arguments)."""
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function names
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # a forced call always follows the schema, strict or not
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and v.get("type", "object") != "object":
+            raise ValueError(f"must be a JSON schema of type 'object', got {v['type']!r}")
+        return v
+
+    def parameters_schema(self) -> dict[str, Any]:
+        return self.parameters if self.parameters is not None else _NO_ARGUMENTS
+
+
+_NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}}
+
+
+class Tool(Wire):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(Wire):
+    name: str
+
+
+class NamedToolChoice(Wire):
+    """`tool_choice` naming one function: the reply is a call to it."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
+        # InvalidRequestError passes through pydantic unwrapped, keeping `param`
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise InvalidRequestError("tool names must be unique", param="tools")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            known = ", ".join(names) or "none: tools is empty"
+            raise InvalidRequestError(
+                f"tool_choice names {choice.function.name!r}, which is not in tools ({known})",
+                param="tool_choice.function.name",
+            )
+        if choice == "required" and not names:
+            raise InvalidRequestError(
+                "tool_choice 'required' needs at least one tool in tools", param="tool_choice"
+            )
+        return self
+
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def effective_tool_choice(self) -> Literal["none", "auto", "required"] | NamedToolChoice:
+        """OpenAI's default: `auto` when tools are given, `none` otherwise."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
 
 
 class CompletionRequest(SamplingFields):
@@ -317,10 +385,21 @@ class ChoiceLogprobs(Wire):
     content: list[TokenLogprob] | None
 
 
+class FunctionCall(Wire):
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's shape)
+
+
+class ToolCall(Wire):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(Wire):
     role: Literal["assistant"] = "assistant"
     content: str | None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(Wire):
@@ -340,10 +419,25 @@ class ChatCompletionResponse(Wire):
     system_fingerprint: str | None = None
 
 
+class FunctionCallDelta(Wire):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(Wire):
+    """A piece of the `index`-th call of a streamed reply: id, type and name come first,
+    then arguments, which the client concatenates."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class Delta(Wire):
     role: Literal["assistant"] | None = None
     content: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(Wire):

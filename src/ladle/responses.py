@@ -1,7 +1,10 @@
 """Engine events assembled into OpenAI-shaped responses and stream chunks.
 
 Streaming and non-streaming replies are built from the same `TokenEvent`s by the same
-accumulator, so a streamed reply concatenates to exactly the non-streamed one.
+accumulator, so a streamed reply concatenates to exactly the non-streamed one. When a request
+offers tools, each choice's text goes through a `ToolCallParser` (tool_calls.py): text outside
+calls is the content, each call streams as two deltas (id, type and name, then the arguments),
+and a reply that called a tool ends with `finish_reason: "tool_calls"`.
 """
 
 from __future__ import annotations
@@ -21,10 +24,17 @@ from ladle.protocol import (
     CompletionLogprobs,
     CompletionResponse,
     Delta,
+    FunctionCall,
+    FunctionCallDelta,
     TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
     TopLogprob,
     Usage,
 )
+from ladle.tool_calls import ParsedCall, ToolCallParser, ToolParsing, new_call_id
+
+NewPiece = str | tuple[int, ToolCall]  # text, or a call and its index in the reply
 
 
 @dataclass
@@ -33,13 +43,47 @@ class ChoiceState:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    parser: ToolCallParser | None = None  # set when the request offers tools
+    content: str = ""  # the text outside tool calls
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    new: list[NewPiece] = field(default_factory=list)  # what the latest event added
+
+    def reported_finish_reason(self) -> str | None:
+        if self.finish_reason == "stop" and self.tool_calls:
+            return "tool_calls"
+        return self.finish_reason
+
+    def message(self) -> AssistantMessage:
+        if self.parser is None:
+            return AssistantMessage(content=self.text)
+        if not self.tool_calls:
+            return AssistantMessage(content=self.content)
+        return AssistantMessage(content=self.content or None, tool_calls=self.tool_calls)
+
+    def read_tools(self, text: str, is_last: bool) -> None:
+        """Run `text` through the parser, keeping the pieces it completes in `new`."""
+        assert self.parser is not None
+        pieces = self.parser.feed(text) + (self.parser.finish() if is_last else [])
+        self.new = [self._keep(piece) for piece in pieces]
+
+    def _keep(self, piece: str | ParsedCall) -> NewPiece:
+        if isinstance(piece, str):
+            self.content += piece
+            return piece
+        call = ToolCall(
+            id=new_call_id(), function=FunctionCall(name=piece.name, arguments=piece.arguments)
+        )
+        self.tool_calls.append(call)
+        return len(self.tool_calls) - 1, call
 
 
 class Accumulator:
     """Collects the events of one request's `n` choices."""
 
-    def __init__(self, n: int, tokenizer: Tokenizer, prompt_tokens: int) -> None:
-        self.choices = [ChoiceState() for _ in range(n)]
+    def __init__(
+        self, n: int, tokenizer: Tokenizer, prompt_tokens: int, tools: ToolParsing | None = None
+    ) -> None:
+        self.choices = [ChoiceState(parser=tools.parser() if tools else None) for _ in range(n)]
         self.tokenizer = tokenizer
         self.prompt_tokens = prompt_tokens
 
@@ -52,6 +96,8 @@ class Accumulator:
         choice.text += event.text
         choice.token_ids.append(event.token_id)
         choice.finish_reason = event.finish_reason
+        if choice.parser is not None:
+            choice.read_tools(event.text, event.finish_reason is not None)
         if event.logprob is None:
             return None
         entry = TokenLogprob(
@@ -79,8 +125,8 @@ class Accumulator:
         choices = [
             ChatChoice(
                 index=i,
-                message=AssistantMessage(content=c.text),
-                finish_reason=c.finish_reason,  # type: ignore[arg-type]
+                message=c.message(),
+                finish_reason=c.reported_finish_reason(),  # type: ignore[arg-type]
                 logprobs=ChoiceLogprobs(content=c.logprobs) if logprobs else None,
             )
             for i, c in enumerate(self.choices)
@@ -88,6 +134,36 @@ class Accumulator:
         return ChatCompletionResponse(
             id=rid, created=created, model=model, choices=choices, usage=self.usage()
         )
+
+    def chat_chunks(
+        self, rid: str, created: int, model: str, event: TokenEvent, logprob: TokenLogprob | None
+    ) -> list[ChatCompletionChunk]:
+        """The chunks that stream what `event` (just `add`ed) adds; the event's logprob rides
+        on the first, its finish reason on the last."""
+        choice = self.choices[event.index]
+        if choice.parser is None:
+            deltas = [Delta(content=event.text)] if event.text else []
+        else:
+            deltas = [d for piece in choice.new for d in _deltas(piece)]
+        if not deltas and (event.finish_reason or logprob):
+            deltas = [Delta()]
+        finish = choice.reported_finish_reason() if event.finish_reason else None
+        return [
+            ChatCompletionChunk(
+                id=rid,
+                created=created,
+                model=model,
+                choices=[
+                    ChunkChoice(
+                        index=event.index,
+                        delta=delta,
+                        finish_reason=finish if i == len(deltas) - 1 else None,  # type: ignore[arg-type]
+                        logprobs=ChoiceLogprobs(content=[logprob]) if logprob and i == 0 else None,
+                    )
+                ],
+            )
+            for i, delta in enumerate(deltas)
+        ]
 
     def completion_response(
         self, rid: str, created: int, model: str, logprobs: bool, prefix: str = ""
@@ -106,20 +182,20 @@ class Accumulator:
         )
 
 
-def chat_chunk(
-    rid: str,
-    created: int,
-    model: str,
-    event: TokenEvent,
-    logprob: TokenLogprob | None,
-) -> ChatCompletionChunk:
-    choice = ChunkChoice(
-        index=event.index,
-        delta=Delta(content=event.text) if event.text else Delta(),
-        finish_reason=event.finish_reason,  # type: ignore[arg-type]
-        logprobs=ChoiceLogprobs(content=[logprob]) if logprob else None,
+def _deltas(piece: NewPiece) -> list[Delta]:
+    if isinstance(piece, str):
+        return [Delta(content=piece)]
+    index, call = piece
+    opening = ToolCallDelta(
+        index=index,
+        id=call.id,
+        type="function",
+        function=FunctionCallDelta(name=call.function.name, arguments=""),
     )
-    return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
+    arguments = ToolCallDelta(
+        index=index, function=FunctionCallDelta(arguments=call.function.arguments)
+    )
+    return [Delta(tool_calls=[opening]), Delta(tool_calls=[arguments])]
 
 
 def completion_logprobs(entries: list[TokenLogprob], offset: int = 0) -> CompletionLogprobs:

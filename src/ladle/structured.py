@@ -1,8 +1,9 @@
 """Structured output at the API's edge: which constraint a request asks for, and the reply read
 back as a Python value.
 
-A request names its constraint in one of two fields: OpenAI's `response_format` (chat only) or
-mistral.rs's `grammar`. Both become one `Constraint`, compiled for the model by the engine's
+A request names its constraint in one of three ways: OpenAI's `response_format` (chat only),
+mistral.rs's `grammar`, or a forced tool call (`tool_choice` `required` or a named function,
+whose grammar tool_calls.py builds). Each is compiled for the model by the engine's
 `GrammarCompiler`; errors name the field the user wrote.
 """
 
@@ -21,19 +22,45 @@ from ladle.protocol import (
     CompletionRequest,
     Constraint,
 )
+from ladle.tool_calls import ToolFormat, callable_tools, is_call_forced, tool_call_grammar
 
 M = TypeVar("M", bound=BaseModel)
 
 
 def request_grammar(
-    compiler: GrammarCompiler, req: ChatCompletionRequest | CompletionRequest
+    compiler: GrammarCompiler,
+    req: ChatCompletionRequest | CompletionRequest,
+    tool_format: ToolFormat,
 ) -> CompiledGrammar | None:
-    """The compiled constraint of `req`, or None when its output is free."""
+    """The compiled constraint of `req`, or None when its output is free.
+
+    Every tool's parameters are compiled too, forced or not, so a schema llguidance cannot
+    follow is refused up front, naming the tool, rather than on the turn that forces it.
+    """
+    if isinstance(req, ChatCompletionRequest):
+        for i, tool in enumerate(req.tools or []):
+            param = f"tools[{i}].function.parameters"
+            compiler.compile("json_schema", tool.function.parameters_schema(), param)
+        if is_call_forced(req):
+            return _tool_call_grammar(compiler, req, tool_format)
     found = _constraint(req)
     if found is None:
         return None
     constraint, param = found
     return compiler.compile(constraint.type, constraint.value, param)
+
+
+def _tool_call_grammar(
+    compiler: GrammarCompiler, req: ChatCompletionRequest, tool_format: ToolFormat
+) -> CompiledGrammar:
+    if _constraint(req) is not None:
+        raise InvalidRequestError(
+            "a forced tool call (tool_choice 'required' or a named function) is already a "
+            "constraint; drop response_format or grammar",
+            param="tool_choice",
+        )
+    grammar = tool_call_grammar(tool_format, callable_tools(req), req.parallel_tool_calls)
+    return compiler.compile("lark", grammar, "tools")
 
 
 def _constraint(req: ChatCompletionRequest | CompletionRequest) -> tuple[Constraint, str] | None:

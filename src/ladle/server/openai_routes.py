@@ -197,7 +197,7 @@ def _counting_usage(req: StreamedRequest) -> tuple[StreamedRequest, bool]:
 
 def _carries_token(chunk: Chunk) -> bool:
     if isinstance(chunk, ChatCompletionChunk):
-        return any(c.delta.content or c.finish_reason for c in chunk.choices)
+        return any(c.delta.content or c.delta.tool_calls or c.finish_reason for c in chunk.choices)
     return bool(chunk.choices)
 
 

@@ -8,6 +8,7 @@ transformers renders here to the same text.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -72,6 +73,53 @@ def render_chat_template(
         raise InvalidRequestError(
             f"chat template failed on these messages: {e!r}", param="messages"
         ) from e
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateCapabilities:
+    """What a chat template writes into the prompt when it is given it."""
+
+    renders_tools: bool  # the `tools` variable (function definitions)
+    renders_tool_calls: bool  # an assistant message's `tool_calls`
+    renders_tool_results: bool  # a `role: "tool"` message's content
+
+
+_PROBE = "ladle_probe_7f3a"  # a name no template or message contains by chance
+
+
+@lru_cache(maxsize=64)
+def template_capabilities(template: str) -> TemplateCapabilities:
+    """Find out by rendering, as minja's capability probe does, what `template` does with tools.
+
+    Reading the template's text for `tools` is not enough: many templates mention a variable
+    they never print, and some print any role's content (tool results included) without
+    knowing tools at all. A template that fails on a probe counts as not rendering it.
+    """
+    tool = {"type": "function", "function": {"name": _PROBE + "_tool", "parameters": {}}}
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": _PROBE + "_call", "arguments": {}},
+    }
+    conversation = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": _PROBE + "_result", "tool_call_id": "call_1"},
+    ]
+    with_tools = _probe(template, [{"role": "user", "content": "Hi"}], [tool])
+    with_calls = _probe(template, conversation, None)
+    return TemplateCapabilities(
+        renders_tools=_PROBE + "_tool" in with_tools,
+        renders_tool_calls=_PROBE + "_call" in with_calls,
+        renders_tool_results=_PROBE + "_result" in with_calls,
+    )
+
+
+def _probe(template: str, messages: list[dict[str, Any]], tools: Any) -> str:
+    try:
+        return render_chat_template(template, messages, tools=tools, add_generation_prompt=False)
+    except InvalidRequestError:  # the template refuses this shape: it does not render it
+        return ""
 
 
 def validate_messages(messages: Any) -> list[dict[str, Any]]:
