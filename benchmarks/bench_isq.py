@@ -74,10 +74,7 @@ def load_source(path: Path) -> LoadedModel:
 def build(config: str, path: Path) -> Model:
     if config == SOURCE:
         return Model(ModelCore.start(lambda: load_source(path), SOURCE, 1, None))
-    builder = TextModelBuilder(path)
-    if not hasattr(builder, "with_isq"):
-        raise RuntimeError("TextModelBuilder has no with_isq in this ladle")
-    return builder.with_isq("Q4K" if config == CALIBRATED else config).build()
+    return TextModelBuilder(path).with_isq("Q4K" if config == CALIBRATED else config).build()
 
 
 def calibrate(model: Model) -> None:

@@ -230,6 +230,17 @@ def test_cli_prints_perplexity_and_speed(
     assert "perplexity: " in out and "tokens/s" in out and "131 tokens" in out
 
 
+def test_cli_quantizes_with_isq(
+    smollm2_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = tmp_path / "alice.txt"
+    file.write_text(TEXT)
+    assert main(["perplexity", str(smollm2_path), str(file), "--isq", "q8_0"]) == 0
+    assert ", ISQ q8_0 on" in capsys.readouterr().out
+    assert main(["perplexity", str(smollm2_path), str(file), "--isq", "Q3"]) == 1
+    assert "error: isq: unknown ISQ type 'Q3'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [(None, "no such file"), ("  \n", "the file is empty"), ("Alice", "the text has 1 token")],

@@ -191,7 +191,8 @@ class Model:
         """Logits after every token of `ids` (float32 `[len(ids), vocab]`), as one sequence.
 
         Row `i` scores the token after `ids[: i + 1]`: what scoring a text (perplexity) needs.
-        `send_raw_chat_request` gives only the last row, for a rendered chat.
+        `send_raw_chat_request` gives only the last row, for a rendered chat. Requests being
+        served pause while it runs: score a long text in windows (`ladle.perplexity` does).
         """
         return self._core.logits_for(ids).result()
 

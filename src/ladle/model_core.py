@@ -103,7 +103,7 @@ def sequence_logits(model: CausalLM, dtype: torch.dtype, ids: list[int]) -> torc
     """Logits after every token of `ids` (float32 `[len(ids), vocab]`), from one new cache.
 
     Runs the model directly, chunk by chunk as a prefill does, on the engine's thread
-    (`engine.run`), so it never waits in or disturbs the scheduler's batches.
+    (`engine.run`): the scheduler's own sequences are left as they are, and wait for it.
     """
     cache = model.new_cache(dtype)
     tokens = torch.tensor(ids, dtype=torch.long)

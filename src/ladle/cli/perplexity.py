@@ -47,10 +47,7 @@ def _perplexity(args: argparse.Namespace) -> int:
     if args.threads:
         builder.with_num_threads(args.threads)
     if args.isq:
-        with_isq = getattr(builder, "with_isq", None)
-        if with_isq is None:
-            raise InvalidRequestError("ISQ is not available in this ladle", param="isq")
-        with_isq(args.isq)
+        builder.with_isq(args.isq)
     with builder.build() as model, tqdm(desc="windows", unit="win", disable=None) as bar:
 
         def progress(done: int, total: int, ppl: float) -> None:
