@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from llguidance import LLMatcher
+from pydantic import BaseModel
 
 from ladle import GgufModelBuilder, InvalidRequestError, Model, RequestBuilder
 from ladle.engine.grammar import GrammarCompiler
@@ -329,6 +330,37 @@ def test_grammar_takes_valid_calls_and_refuses_others(
     assert _accepts(compiler, grammar.grammar, format_calls(fmt, valid).replace(" ", ""))
     for calls in invalid:
         assert not _accepts(compiler, grammar.grammar, format_calls(fmt, calls).replace(" ", ""))
+
+
+class Address(BaseModel):
+    city: str
+
+
+class Person(BaseModel):
+    name: str
+    home: Address
+    friends: list[Person] = []
+
+
+@pytest.mark.real_model
+def test_grammar_follows_the_references_of_nested_and_recursive_models(
+    compiler: GrammarCompiler,
+) -> None:
+    """pydantic writes `#/$defs/...` references; inside the call they must still resolve."""
+    tools = [
+        Tool.model_validate(_tool("save", Person.model_json_schema())),
+        *map(Tool.model_validate, TOOLS),
+    ]
+    grammar = compiler.compile("lark", tool_call_grammar(HERMES, tools, parallel=False), "tools")
+    friend = {"name": "Bo", "home": {"city": "Oslo"}}
+    valid = {"name": "Al", "home": {"city": "Rome"}, "friends": [friend]}
+    assert _accepts(
+        compiler, grammar.grammar, format_calls(HERMES, [("save", valid)]).replace(" ", "")
+    )
+    wrong = {"name": "Al", "home": {"town": "Rome"}}
+    assert not _accepts(
+        compiler, grammar.grammar, format_calls(HERMES, [("save", wrong)]).replace(" ", "")
+    )
 
 
 def _accepts(compiler: GrammarCompiler, grammar: str, text: str) -> bool:

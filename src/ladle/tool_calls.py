@@ -133,21 +133,22 @@ def tool_call_grammar(fmt: ToolFormat, tools: list[Tool], parallel: bool) -> str
     arguments its function declares. When `fmt.start` is one special token (Mistral's
     `[TOOL_CALLS]`), the grammar asks for that token, as the model was trained to write it.
     """
-    variants = [
-        {
-            "type": "object",
-            "properties": {
-                "name": {"const": t.function.name},
-                fmt.arguments_key: closed_schema(t.function.parameters_schema()),
-            },
-            "required": ["name", fmt.arguments_key],
-            "additionalProperties": False,
-        }
-        for t in tools
-    ]
+    definitions: dict[str, Any] = {}
+    variants = []
+    for i, tool in enumerate(tools):
+        definitions.update(_hoisted(closed_schema(tool.function.parameters_schema()), f"tool{i}"))
+        properties = {"name": {"const": tool.function.name}, fmt.arguments_key: _ref(f"tool{i}")}
+        variants.append(
+            {
+                "type": "object",
+                "properties": properties,
+                "required": ["name", fmt.arguments_key],
+                "additionalProperties": False,
+            }
+        )
     schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
     # compact JSON: a small model left free to indent can loop on whitespace
-    schema = {**schema, "x-guidance": {"whitespace_flexible": False}}
+    schema = {**schema, "$defs": definitions, "x-guidance": {"whitespace_flexible": False}}
     several = parallel and fmt.parallel
     if fmt.name == HERMES.name:
         start = 'start: call ("\\n" call)*' if several else "start: call"
@@ -162,6 +163,37 @@ def tool_call_grammar(fmt: ToolFormat, tools: list[Tool], parallel: bool) -> str
         call = ""
     rules = (start, call, f"json_call: %json {json.dumps(schema)}")
     return "\n".join(rule for rule in rules if rule)
+
+
+def _hoisted(parameters: dict[str, Any], name: str) -> dict[str, Any]:
+    """`parameters` and its own definitions as entries of the call schema's `$defs`.
+
+    Inside the call schema, a tool's `#/$defs/...` references (pydantic writes them for
+    nested models) and `#` (a recursive schema) would point at the call schema's root, so
+    each tool's definitions move there under its own prefix and its references follow.
+    """
+    own = {**parameters.get("$defs", {}), **parameters.get("definitions", {})}
+    body = {k: v for k, v in parameters.items() if k not in ("$defs", "definitions")}
+    hoisted = {f"{name}_{key}": _retargeted(value, name) for key, value in own.items()}
+    return {name: _retargeted(body, name), **hoisted}
+
+
+def _retargeted(schema: Any, name: str) -> Any:
+    if isinstance(schema, list):
+        return [_retargeted(s, name) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _retargeted(v, name) for k, v in schema.items()}
+    ref = out.get("$ref")
+    if ref == "#":
+        out["$ref"] = _ref(name)["$ref"]
+    elif isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/")):
+        out["$ref"] = _ref(f"{name}_{ref.split('/', 2)[2]}")["$ref"]
+    return out
+
+
+def _ref(definition: str) -> dict[str, str]:
+    return {"$ref": f"#/$defs/{definition}"}
 
 
 # ---------------------------------------------------------------- templates without tools
