@@ -1,14 +1,15 @@
 """The step loop: requests in, tokens out, on one background thread that owns the model.
 
 Every tensor operation on a model happens on its engine thread, so callers on any thread or
-event loop only exchange plain Python objects through queues. A step prefills the requests
-that arrived (long prompts in chunks), then decodes one token for every running sequence.
-`n` choices share one prefill: their KV caches are forks of the first one.
+event loop only exchange plain Python objects through queues. A step is three calls, as in
+nano-vllm: the scheduler picks the batch (continuous batching over the paged KV cache), the
+model runner computes it, and each sequence that reached its last token samples the next.
+`n` choices of one request are `n` sequences; the others start once the first has its
+prompt in the cache, and share its blocks through the prefix cache.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections import deque
@@ -19,10 +20,12 @@ from typing import Any, TypeVar
 
 import torch
 
-from ladle.engine.kv_cache import KVCache
+from ladle.engine.block_manager import BlockManager
 from ladle.engine.loading.tokenizer import Tokenizer
+from ladle.engine.model_runner import ModelRunner
 from ladle.engine.models.base import CausalLM
 from ladle.engine.sampling import SamplingParams
+from ladle.engine.scheduler import ScheduledSequence, Scheduler, SchedulerConfig
 from ladle.engine.sequence import Sequence, SequenceStatus, Sink
 from ladle.errors import ContextLengthError, EngineClosedError
 
@@ -36,7 +39,15 @@ class EngineConfig:
     max_seq_len: int
     dtype: torch.dtype = torch.float32
     max_num_seqs: int = 16
-    prefill_chunk_size: int = 512  # bounds attention memory on long prompts
+    max_num_batched_tokens: int = 512  # tokens per step; long prompts are prefilled in chunks
+    kv_cache_tokens: int | None = None  # KV budget shared by all sequences (max_seq_len)
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        tokens = self.kv_cache_tokens or self.max_seq_len
+        self.kv_cache_tokens = -(-tokens // self.block_size) * self.block_size
+        # one sequence must fit in the budget on its own, or it could never finish
+        self.max_seq_len = min(self.max_seq_len, self.kv_cache_tokens)
 
 
 class RequestHandle:
@@ -56,10 +67,18 @@ class LLMEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        self._waiting: deque[RequestHandle] = deque()
-        self._running: list[Sequence] = []
+        assert config.kv_cache_tokens is not None
+        num_blocks = config.kv_cache_tokens // config.block_size
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks
+        )
+        self.runner = ModelRunner(
+            model, model.new_paged_cache(num_blocks, config.block_size, config.dtype)
+        )
+        self._new: deque[RequestHandle] = deque()
         self._jobs: deque[tuple[Future[Any], Callable[[], Any]]] = deque()
-        self._aborted: set[int] = set()
+        self._aborted: list[Sequence] = []
         self._cv = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -105,11 +124,13 @@ class LLMEngine:
             )
             for i in range(params.n)
         ]
+        for seq in seqs[1:]:
+            seq.parent = seqs[0]
         handle = RequestHandle(seqs, prompt_ids, self)
         with self._cv:
             if self._closed:
                 raise EngineClosedError("the model has been closed")
-            self._waiting.append(handle)
+            self._new.append(handle)
             self._cv.notify()
         return handle
 
@@ -140,7 +161,7 @@ class LLMEngine:
 
     def abort(self, handle: RequestHandle) -> None:
         with self._cv:
-            self._aborted.update(s.seq_id for s in handle.seqs)
+            self._aborted.extend(handle.seqs)
             self._cv.notify()
 
     def close(self) -> None:
@@ -156,92 +177,81 @@ class LLMEngine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._closed or self._waiting or self._running or self._jobs):
+                while not (self._closed or self._new or self._jobs or self.scheduler.has_work()):
                     self._cv.wait()
                 if self._closed:
                     break
                 jobs, self._jobs = list(self._jobs), deque()
-                aborted, self._aborted = self._aborted, set()
-                room = self.config.max_num_seqs - len(self._running)
-                new: list[RequestHandle] = []
-                while self._waiting and room >= len(self._waiting[0].seqs):
-                    room -= len(self._waiting[0].seqs)
-                    new.append(self._waiting.popleft())
+                new, self._new = list(self._new), deque()
+                aborted, self._aborted = self._aborted, []
+            for handle in new:
+                for seq in handle.seqs:
+                    self.scheduler.add(seq)
+            for seq in aborted:
+                self.scheduler.finish(seq)  # its blocks are free for this very step
             for future, fn in jobs:
                 if future.set_running_or_notify_cancel():
                     try:
                         future.set_result(fn())
                     except Exception as e:  # handed to the caller, not swallowed
                         future.set_exception(e)
-            self._running = [s for s in self._running if s.seq_id not in aborted]
-            for handle in new:
-                if all(s.seq_id not in aborted for s in handle.seqs):
-                    self._guarded(handle.seqs, functools.partial(self._prefill, handle))
-            for seq in list(self._running):
-                self._guarded([seq], functools.partial(self._decode, seq))
-            self._running = [s for s in self._running if s.status is SequenceStatus.RUNNING]
+            batch = self.scheduler.schedule()
+            if batch:
+                self._step(batch)
         self._fail_all(EngineClosedError("the model was closed before the request finished"))
 
-    def _guarded(self, seqs: list[Sequence], step: Callable[[], Any]) -> None:
-        """Run a step; a failure ends only the sequences it touched, with the error.
+    def _step(self, batch: list[ScheduledSequence]) -> None:
+        """Run the batch and sample; a failure ends only the sequences it touched.
 
         Any exception is caught here because the engine thread must outlive a bad request:
         it is logged and handed to the request's caller, never swallowed.
         """
         try:
-            step()
+            rows = self.runner.run(batch)
         except Exception as e:
-            logger.exception("request failed")
-            for s in seqs:
-                s.status = SequenceStatus.FINISHED
-                if s in self._running:
-                    self._running.remove(s)
-                s.sink.fail(e)
+            logger.exception("a model step failed")
+            for item in batch:
+                self._fail(item.seq, e)
+            return
+        for item in batch:
+            item.seq.num_computed_tokens += item.num_tokens
+            self.blocks.commit(item.seq)
+        for seq, row in rows.items():
+            try:
+                seq.append_from_logits(row)
+            except Exception as e:
+                logger.exception("request failed")
+                self._fail(seq, e)
+                continue
+            if seq.status is SequenceStatus.FINISHED:
+                self.scheduler.finish(seq)  # its KV blocks are free at once
 
-    def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
-        """Logits (float32 `[vocab]`) of the token after `prompt_ids`; call through `run`."""
-        return self._prefill_prompt(prompt_ids)[1]
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
+        self.scheduler.finish(seq)
+        seq.sink.fail(error)
 
     @torch.inference_mode()
-    def _prefill_prompt(self, prompt_ids: list[int]) -> tuple[KVCache, torch.Tensor]:
-        """A new cache holding the prompt, and the logits after its last token."""
+    def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
+        """Logits (float32 `[vocab]`) of the token after `prompt_ids`; call through `run`.
+
+        It runs outside the batch, on a cache of its own: nothing is sampled, nothing kept.
+        """
         cache = self.model.new_cache(self.config.dtype)
         ids = torch.tensor(prompt_ids, dtype=torch.long)
-        chunk = self.config.prefill_chunk_size
-        logits = None
+        chunk = self.config.max_num_batched_tokens
+        logits = torch.empty(0)
         for start in range(0, len(ids), chunk):
             part = ids[start : start + chunk]
             positions = torch.arange(start, start + len(part))
             last = torch.tensor([len(part) - 1])
             logits = self.model(part, positions, cache, logits_indices=last)
-        assert logits is not None
-        return cache, logits[0]
-
-    def _prefill(self, handle: RequestHandle) -> None:
-        cache, row = self._prefill_prompt(handle.prompt_ids)
-        for i, seq in enumerate(handle.seqs):
-            seq.cache = cache if i == 0 else cache.fork()
-            seq.status = SequenceStatus.RUNNING
-        for seq in handle.seqs:
-            seq.append_from_logits(row)
-            if seq.status is SequenceStatus.RUNNING:
-                self._running.append(seq)
-
-    @torch.inference_mode()
-    def _decode(self, seq: Sequence) -> None:
-        assert seq.cache is not None
-        ids = torch.tensor([seq.last_token_id], dtype=torch.long)
-        positions = torch.tensor([seq.num_tokens - 1])
-        logits = self.model(ids, positions, seq.cache)
-        seq.append_from_logits(logits[-1])
-        if seq.status is SequenceStatus.FINISHED:
-            seq.cache = None  # free the KV memory at once
+        return logits[0]
 
     def _fail_all(self, error: BaseException) -> None:
         with self._cv:
-            pending = [s for h in self._waiting for s in h.seqs] + self._running
-            self._waiting.clear()
-            self._running = []
+            pending = [s for h in self._new for s in h.seqs]
+            pending += [*self.scheduler.waiting, *self.scheduler.running]
+            self._new.clear()
             jobs, self._jobs = list(self._jobs), deque()
         for seq in pending:
             seq.sink.fail(error)

@@ -1,17 +1,44 @@
-"""Per-sequence key/value cache: one contiguous buffer per layer, grown by doubling.
+"""What attention asks of a KV cache, and the simplest cache: one sequence, contiguous.
 
-Each sequence owns a `KVCache`. Attention layers call `update` with the new tokens' keys and
-values and get back every cached position; the model calls `advance` once per forward, so all
-layers of one step write at the same offset.
+A forward runs over a flat batch of tokens from one or more sequences. Each attention layer
+hands its new keys and values to the cache (`store`) and gets back one `Segment` per
+sequence: which query rows are that sequence's, and all of its keys and values so far.
+The engine's batches use the paged cache (`paged_cache.py`); a `KVCache` serves one sequence
+on its own (scoring, embedding, tests), growing its buffers by doubling.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple, Protocol
+
 import torch
 
 
+class Segment(NamedTuple):
+    """One sequence's share of a batch in one layer."""
+
+    rows: slice  # its query rows in the batch
+    keys: torch.Tensor  # [num_kv_heads, start + num_rows, head_dim]
+    values: torch.Tensor
+    start: int  # tokens cached before these rows (the first row's position)
+
+
+class AttentionCache(Protocol):
+    def store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> list[Segment]:
+        """Keep `k`, `v` (`[T, num_kv_heads, head_dim]`) and return every sequence's segment."""
+        ...
+
+    def max_length(self, num_tokens: int) -> int:
+        """The longest sequence, cached tokens included, once this forward's tokens are in."""
+        ...
+
+    def advance(self, num_tokens: int) -> None:
+        """Called once per forward, after every layer stored its keys and values."""
+        ...
+
+
 class KVCache:
-    """Keys and values of one sequence, `[num_kv_heads, capacity, head_dim]` per layer."""
+    """One sequence's keys and values, `[num_kv_heads, capacity, head_dim]` per layer."""
 
     def __init__(
         self,
@@ -48,35 +75,18 @@ class KVCache:
                 store[i] = grown
         self.capacity = capacity
 
-    def update(
-        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store `k`, `v` (`[num_kv_heads, T, head_dim]`) after the cached tokens.
-
-        Returns views of all `length + T` keys and values of this layer.
-        """
-        end = self.length + k.shape[1]
+    def store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> list[Segment]:
+        num_tokens = k.shape[0]
+        end = self.length + num_tokens
         self._reserve(end)
-        self.k[layer_idx][:, self.length : end] = k
-        self.v[layer_idx][:, self.length : end] = v
-        return self.k[layer_idx][:, :end], self.v[layer_idx][:, :end]
+        self.k[layer_idx][:, self.length : end] = k.transpose(0, 1)
+        self.v[layer_idx][:, self.length : end] = v.transpose(0, 1)
+        keys, values = self.k[layer_idx][:, :end], self.v[layer_idx][:, :end]
+        return [Segment(slice(0, num_tokens), keys, values, self.length)]
+
+    def max_length(self, num_tokens: int) -> int:
+        return self.length + num_tokens
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
         assert self.length <= self.capacity
-
-    def truncate(self, length: int) -> None:
-        """Forget every position from `length` on (rewinding is just moving the end)."""
-        assert 0 <= length <= self.length
-        self.length = length
-
-    def fork(self) -> KVCache:
-        """An independent copy, used to branch `n` choices off one shared prefill."""
-        twin = KVCache.__new__(KVCache)
-        twin.num_layers, twin.num_kv_heads = self.num_layers, self.num_kv_heads
-        twin.head_dim, twin.v_head_dim = self.head_dim, self.v_head_dim
-        twin.dtype, twin.device = self.dtype, self.device
-        twin.capacity, twin.length = self.capacity, self.length
-        twin.k = [t.clone() for t in self.k]
-        twin.v = [t.clone() for t in self.v]
-        return twin

@@ -1,4 +1,4 @@
-"""One generated choice: its tokens, its KV cache, its sampler, and how it ends."""
+"""One generated choice: its tokens, its KV blocks, its sampler, and how it ends."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import Protocol
 
 import torch
 
-from ladle.engine.kv_cache import KVCache
 from ladle.engine.loading.tokenizer import IncrementalDecoder, Tokenizer
 from ladle.engine.sampling import Sampler, SamplingParams, top_logprobs
 from ladle.engine.stop_strings import StopStringMatcher
@@ -62,9 +61,16 @@ class Sequence:
         self.params = params
         self.max_tokens = max_tokens
         self.output_ids: list[int] = []
+        self.token_ids = list(prompt_ids)  # prompt then output: what the KV cache holds
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
-        self.cache: KVCache | None = None
+        # KV blocks (block_manager.py) and how far the model has computed this sequence
+        self.block_table: list[int] = []
+        self.contiguous = True
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        self.num_hashed_blocks = 0
+        self.parent: Sequence | None = None  # another choice of the request whose prefill it reuses
         self.sink = sink
         seed = None if params.seed is None else params.seed + index
         self.sampler = Sampler(params, prompt_ids, seed)
@@ -77,17 +83,18 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.token_ids)
 
     @property
-    def last_token_id(self) -> int:
-        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+    def is_prefilled(self) -> bool:
+        return bool(self.output_ids) or self.status is SequenceStatus.FINISHED
 
     def append_from_logits(self, logits: torch.Tensor) -> None:
         """Sample the next token from a `[vocab]` row, update state and emit its event."""
         token_id = self._pick(logits)
         self.sampler.record(token_id)
         self.output_ids.append(token_id)
+        self.token_ids.append(token_id)
         event = TokenEvent(self.index, token_id, "")
         if self.params.logprobs:
             event.logprob, event.top_logprobs = top_logprobs(

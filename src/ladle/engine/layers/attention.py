@@ -1,9 +1,11 @@
-"""Causal self-attention over one sequence's `KVCache`, with grouped-query heads.
+"""Causal self-attention over a KV cache, with grouped-query heads, one sequence at a time.
 
-The new tokens' keys and values go into the cache first; the queries then attend to every
-cached position up to their own (the causal mask is offset by what was cached before), within
-an optional sliding window. The common cases run through `scaled_dot_product_attention`;
-logit soft-capping (Gemma 2) needs the scores themselves, so it takes an explicit path.
+The new tokens' keys and values go into the cache first; each sequence's queries then attend
+to its cached positions up to their own (the causal mask is offset by what was cached before),
+within an optional sliding window. A batch of sequences of different lengths runs one kernel
+call per sequence: on a CPU that beats padding them into one call (no wasted keys, no mask).
+The common cases run through `scaled_dot_product_attention`; logit soft-capping (Gemma 2)
+needs the scores themselves, so it takes an explicit path.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ladle.engine.kv_cache import KVCache
+from ladle.engine.kv_cache import AttentionCache, Segment
 
 
 class Attention(nn.Module):
@@ -38,10 +40,16 @@ class Attention(nn.Module):
         self.logit_softcap = logit_softcap
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: AttentionCache
     ) -> torch.Tensor:  # [T, H * D]
-        num_tokens, start, window = q.shape[0], cache.length, self.sliding_window
-        keys, values = cache.update(self.layer_idx, k.transpose(0, 1), v.transpose(0, 1))
+        segments = cache.store(self.layer_idx, k, v)
+        if len(segments) == 1:
+            return self._attend(q, segments[0])
+        return torch.cat([self._attend(q[s.rows], s) for s in segments])
+
+    def _attend(self, q: torch.Tensor, segment: Segment) -> torch.Tensor:
+        num_tokens, start, window = q.shape[0], segment.start, self.sliding_window
+        keys, values = segment.keys, segment.values
         mask, is_causal = None, False
         if num_tokens == 1:  # a decoded token sees every cached position, or the last `window`
             if window is not None and keys.shape[1] > window:

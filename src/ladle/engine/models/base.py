@@ -16,10 +16,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ladle.engine.kv_cache import KVCache
+from ladle.engine.kv_cache import AttentionCache, KVCache
 from ladle.engine.layers.embedding import tie_lm_head
 from ladle.engine.layers.linear import Linear
 from ladle.engine.loading.config import ModelConfig
+from ladle.engine.paged_cache import PagedKVCache
 from ladle.engine.quant.ggml import GGMLTensor
 from ladle.errors import ModelLoadError
 
@@ -111,7 +112,7 @@ class CheckpointModule(nn.Module):
 
 
 class CausalLM(CheckpointModule):
-    """A decoder-only language model over one sequence and its `KVCache`.
+    """A decoder-only language model over a flat batch of tokens and their KV cache.
 
     Subclasses are named `<Arch>ForCausalLM`, take their `ModelConfig` in `__init__`, and name
     submodules as the checkpoint does (`model.embed_tokens`, `lm_head`, ...).
@@ -125,7 +126,7 @@ class CausalLM(CheckpointModule):
         self,
         input_ids: torch.Tensor,  # [T] int64
         positions: torch.Tensor,  # [T] int64, absolute positions of input_ids
-        cache: KVCache,
+        cache: AttentionCache,  # a `KVCache` for one sequence, a `KVBatch` in the engine
         logits_indices: torch.Tensor | None = None,  # rows of T to compute logits for
     ) -> torch.Tensor:  # [len(logits_indices) or T, vocab_size] float32
         hidden = self.model(input_ids, positions, cache)
@@ -136,9 +137,17 @@ class CausalLM(CheckpointModule):
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def new_cache(self, dtype: torch.dtype, capacity: int = 256) -> KVCache:
+        """A cache for running one sequence on its own (the engine uses its paged pool)."""
         c = self.config
         assert c.num_key_value_heads is not None and c.head_dim is not None
         return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, dtype, capacity)
+
+    def new_paged_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype) -> PagedKVCache:
+        c = self.config
+        assert c.num_key_value_heads is not None and c.head_dim is not None
+        return PagedKVCache(
+            c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_blocks, block_size, dtype
+        )
 
     def has_tied_head(self) -> bool:
         return self.config.tie_word_embeddings

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ladle.engine.kv_cache import KVCache
+from ladle.engine.kv_cache import AttentionCache
 from ladle.engine.layers.attention import Attention
 from ladle.engine.layers.embedding import Embedding, LMHead
 from ladle.engine.layers.norm import RMSNorm
@@ -74,7 +74,7 @@ class GemmaDecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(size, eps, unit_offset=True)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: AttentionCache
     ) -> torch.Tensor:
         attn = self.self_attn(self.input_layernorm(x), cos, sin, cache)
         if self.pre_feedforward_layernorm is None or self.post_feedforward_layernorm is None:
@@ -110,13 +110,13 @@ class GemmaModel(nn.Module):
         self.is_sliding = [t == "sliding_attention" for t in config.layer_types]
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: AttentionCache
     ) -> torch.Tensor:  # [T, hidden_size], before the final norm
         x = self.embed_tokens(input_ids)
         # The scale is rounded to the compute dtype first, as transformers does (55.5 in bf16).
         x = x * torch.tensor(self.normalizer, dtype=x.dtype)
         num_tokens = input_ids.shape[0]
-        seq_len = cache.length + num_tokens
+        seq_len = cache.max_length(num_tokens)
         rope = self.rotary_emb(positions, seq_len, x.dtype)
         local = rope
         if self.rotary_emb_local is not None:

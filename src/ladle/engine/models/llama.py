@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ladle.engine.kv_cache import KVCache
+from ladle.engine.kv_cache import AttentionCache
 from ladle.engine.layers.activation import gated_activation
 from ladle.engine.layers.attention import Attention
 from ladle.engine.layers.embedding import Embedding, LMHead
@@ -50,7 +50,7 @@ class LlamaAttention(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: AttentionCache
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
@@ -90,7 +90,7 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: AttentionCache
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -114,11 +114,11 @@ class LlamaModel(nn.Module):
         )
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: AttentionCache
     ) -> torch.Tensor:  # [T, hidden_size], before the final norm
         x = self.embed_tokens(input_ids)
         num_tokens = input_ids.shape[0]
-        cos, sin = self.rotary_emb(positions, cache.length + num_tokens, x.dtype)
+        cos, sin = self.rotary_emb(positions, cache.max_length(num_tokens), x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, cache)
         cache.advance(num_tokens)

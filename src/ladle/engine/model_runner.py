@@ -1,0 +1,71 @@
+"""One step of the model over a scheduled batch: tokens in, one logits row per finished prefix.
+
+The scheduled sequences' new tokens are laid end to end in one flat batch, so every linear
+layer reads its weights once for all of them; attention then runs per sequence over its
+blocks of the paged cache (`KVBatch`). Only sequences whose last token is in the batch get
+a logits row: a prompt chunk in the middle of a prefill needs none.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ladle.engine.models.base import CausalLM
+from ladle.engine.paged_cache import KVBatch, PagedKVCache, SequenceSlots
+from ladle.engine.scheduler import ScheduledSequence
+from ladle.engine.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, cache: PagedKVCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.block_size = cache.block_size
+
+    @torch.inference_mode()
+    def run(self, batch: list[ScheduledSequence]) -> dict[Sequence, torch.Tensor]:
+        """Compute the batch's tokens into the cache; logits `[vocab]` of completing ones."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[torch.Tensor] = []
+        sequences: list[SequenceSlots] = []
+        last_rows: list[int] = []
+        completing: list[Sequence] = []
+        for item in batch:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_tokens
+            rows = slice(len(ids), len(ids) + item.num_tokens)
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            every = self._slots(seq, end)
+            if isinstance(every, slice):
+                slots.append(torch.arange(every.start + start, every.stop))
+            else:
+                slots.append(every[start:end])
+            sequences.append(SequenceSlots(rows, start, every))
+            if item.completes:
+                last_rows.append(rows.stop - 1)
+                completing.append(seq)
+        write = _as_run(slots)
+        kv = KVBatch(self.cache, write, sequences)
+        last = torch.tensor(last_rows, dtype=torch.long)
+        logits = self.model(torch.tensor(ids), torch.tensor(positions), kv, last)
+        return dict(zip(completing, logits, strict=True))
+
+    def _slots(self, seq: Sequence, num_tokens: int) -> slice | torch.Tensor:
+        """The slots of the sequence's first `num_tokens` tokens: a slice when one run."""
+        size, table = self.block_size, seq.block_table
+        if seq.contiguous:
+            first = table[0] * size
+            return slice(first, first + num_tokens)
+        blocks = torch.tensor(table[: -(-num_tokens // size)])
+        every = (blocks[:, None] * size + torch.arange(size)).flatten()
+        return every[:num_tokens]
+
+
+def _as_run(parts: list[torch.Tensor]) -> slice | torch.Tensor:
+    """All new tokens' slots, as a slice when they form one run (a slice write is cheaper)."""
+    slots = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if len(slots) == 1 or bool((slots[1:] - slots[:-1] == 1).all()):
+        return slice(int(slots[0]), int(slots[0]) + len(slots))
+    return slots

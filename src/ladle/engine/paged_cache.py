@@ -1,0 +1,77 @@
+"""The engine's KV cache: one pool of fixed-size blocks per layer, shared by every sequence.
+
+A layer's keys live in `[num_kv_heads, num_blocks * block_size, head_dim]`, so a token's slot
+is `block * block_size + offset` and a sequence whose blocks form one ascending run reads its
+keys as a slice of the pool (a view: no copy). A sequence whose blocks are scattered (a shared
+prefix followed by its own blocks) gathers them, which costs about as much as the attention
+itself on a CPU; the block manager places blocks to keep runs whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ladle.engine.kv_cache import Segment
+
+
+class PagedKVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        v_head_dim: int | None = None,
+    ) -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+        slots, v_dim = num_blocks * block_size, v_head_dim or head_dim
+        # torch.empty maps the pool lazily: memory is touched only as blocks are written.
+        layers = range(num_layers)
+        self.k = [torch.empty(num_kv_heads, slots, head_dim, dtype=dtype) for _ in layers]
+        self.v = [torch.empty(num_kv_heads, slots, v_dim, dtype=dtype) for _ in layers]
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy every layer's block `src` into block `dst`, for each `(src, dst)`."""
+        size = self.block_size
+        for pool in (*self.k, *self.v):
+            for src, dst in pairs:
+                pool[:, dst * size : (dst + 1) * size] = pool[:, src * size : (src + 1) * size]
+
+
+@dataclass(slots=True)
+class SequenceSlots:
+    """Where one sequence's tokens of a batch go, and where all of its keys are read from."""
+
+    rows: slice  # its query rows in the batch
+    start: int  # tokens cached before these rows
+    read: slice | torch.Tensor  # slots of its `start + num_rows` keys: a run, or gathered
+
+
+class KVBatch:
+    """The `AttentionCache` of one engine step: a flat batch of tokens over the paged pool."""
+
+    def __init__(
+        self, cache: PagedKVCache, write: slice | torch.Tensor, sequences: list[SequenceSlots]
+    ) -> None:
+        self.cache = cache
+        self.write = write  # the slots of the new tokens, in batch order (a slice when a run)
+        self.sequences = sequences
+        self._max_length = max(s.start + s.rows.stop - s.rows.start for s in sequences)
+
+    def store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> list[Segment]:
+        pool_k, pool_v = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        pool_k[:, self.write] = k.transpose(0, 1)
+        pool_v[:, self.write] = v.transpose(0, 1)
+        return [
+            Segment(s.rows, pool_k[:, s.read], pool_v[:, s.read], s.start) for s in self.sequences
+        ]
+
+    def max_length(self, num_tokens: int) -> int:
+        return self._max_length
+
+    def advance(self, num_tokens: int) -> None:
+        """The engine counts computed tokens per sequence itself."""
