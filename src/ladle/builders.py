@@ -42,6 +42,7 @@ class _Builder:
         self.device = "cpu"
         self.max_num_seqs = 16
         self.max_seq_len: int | None = None
+        self.kv_cache_tokens: int | None = None
         self.model_id: str | None = None
         self.chat_template: str | None = None
         self.tokenizer_path: str | None = None
@@ -71,6 +72,15 @@ class _Builder:
         if max_num_seqs < 1:
             raise InvalidRequestError("must be >= 1", "max_num_seqs")
         self.max_num_seqs = max_num_seqs
+        return self
+
+    def with_kv_cache_tokens(self, kv_cache_tokens: int) -> Self:
+        """The KV cache budget in tokens, shared by all running sequences (mistral.rs's
+        `ContextSize`); by default one full context. A sequence longer than it cannot run,
+        so it also caps the context."""
+        if kv_cache_tokens < 2:
+            raise InvalidRequestError("must be >= 2", "kv_cache_tokens")
+        self.kv_cache_tokens = kv_cache_tokens
         return self
 
     def with_max_seq_len(self, max_seq_len: int) -> Self:
@@ -131,7 +141,11 @@ class _Builder:
     def _core(self) -> ModelCore | EmbeddingCore:
         self._check_isq()
         return ModelCore.start(
-            self._load, self.model_id or self.path.name, self.max_num_seqs, self.max_seq_len
+            self._load,
+            self.model_id or self.path.name,
+            self.max_num_seqs,
+            self.max_seq_len,
+            self.kv_cache_tokens,
         )
 
     def _load(self) -> LoadedModel:

@@ -122,7 +122,12 @@ class ModelCore:
     """Request and response rules shared by `Model` and `AsyncModel` (no waiting here)."""
 
     def __init__(
-        self, loaded: LoadedModel, model_id: str, max_num_seqs: int, max_seq_len: int | None
+        self,
+        loaded: LoadedModel,
+        model_id: str,
+        max_num_seqs: int,
+        max_seq_len: int | None,
+        kv_cache_tokens: int | None = None,
     ) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
@@ -132,8 +137,11 @@ class ModelCore:
         self.engine = LLMEngine(
             loaded.model,
             loaded.tokenizer,
-            EngineConfig(self.max_seq_len, loaded.dtype, max_num_seqs),
+            EngineConfig(
+                self.max_seq_len, loaded.dtype, max_num_seqs, kv_cache_tokens=kv_cache_tokens
+            ),
         )
+        self.max_seq_len = self.engine.config.max_seq_len  # a KV budget below it caps it
         self.grammars = GrammarCompiler(loaded.tokenizer)
         self.tool_format = model_tool_format(loaded.tokenizer)
 
@@ -144,10 +152,11 @@ class ModelCore:
         model_id: str,
         max_num_seqs: int,
         max_seq_len: int | None,
+        kv_cache_tokens: int | None = None,
     ) -> ModelCore:
         """Load the model on a new thread, which then runs its engine; wait until loaded."""
         return start_on_own_thread(
-            lambda: cls(load(), model_id, max_num_seqs, max_seq_len),
+            lambda: cls(load(), model_id, max_num_seqs, max_seq_len, kv_cache_tokens),
             lambda core: core.engine.serve(),
             f"ladle-engine[{model_id}]",
         )

@@ -35,6 +35,15 @@ def add_serve(sub: Any) -> None:
         help=f"require this Bearer key (default: ${envconfig.API_KEY_VAR})",
     )
     serve.add_argument("--ttl", type=float, default=600.0, help="idle seconds before unloading")
+    serve.add_argument(
+        "--max-num-seqs", type=int, default=16, help="sequences a model decodes together"
+    )
+    serve.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        default=None,
+        help="each model's KV cache budget in tokens (default: one full context)",
+    )
     cache_dir_option(serve)
     serve.set_defaults(func=_serve)
 
@@ -46,7 +55,13 @@ def _serve(args: argparse.Namespace) -> int:
     cache_dir = args.cache_dir or envconfig.cache_dir()
     api_key = args.api_key or envconfig.api_key()
     settings = ServerSettings(
-        host=args.host, port=args.port, api_key=api_key, cache_dir=cache_dir, default_ttl=args.ttl
+        host=args.host,
+        port=args.port,
+        api_key=api_key,
+        cache_dir=cache_dir,
+        default_ttl=args.ttl,
+        max_num_seqs=args.max_num_seqs,
+        kv_cache_tokens=args.kv_cache_tokens,
     )
     with service.registration(cache_dir, api_key) as on_ready:
 

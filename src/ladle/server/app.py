@@ -56,6 +56,8 @@ class ServerSettings:
         memory_budget_mb: estimated memory (file sizes) of all loaded models, at most
             (None: no limit beyond `max_loaded_models`).
         catalog_paths: catalog files or folders read besides the built-in catalog.
+        max_num_seqs: sequences each text model decodes together, at most.
+        kv_cache_tokens: each text model's KV cache budget in tokens (None: one full context).
     """
 
     host: str = "127.0.0.1"
@@ -66,6 +68,8 @@ class ServerSettings:
     max_loaded_models: int = 4
     memory_budget_mb: int | None = None
     catalog_paths: tuple[Path, ...] = ()
+    max_num_seqs: int = 16
+    kv_cache_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -79,6 +83,14 @@ class ServerSettings:
         if self.memory_budget_mb is not None and self.memory_budget_mb <= 0:
             raise InvalidRequestError(
                 f"must be positive, got {self.memory_budget_mb}", "memory_budget_mb"
+            )
+        if self.max_num_seqs < 1:
+            raise InvalidRequestError(
+                f"must be at least 1, got {self.max_num_seqs}", "max_num_seqs"
+            )
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 2:
+            raise InvalidRequestError(
+                f"must be at least 2, got {self.kv_cache_tokens}", "kv_cache_tokens"
             )
         if self.api_key == "":
             raise InvalidRequestError("must not be empty (leave it unset for no key)", "api_key")
@@ -105,6 +117,8 @@ def create_app(settings: ServerSettings) -> Starlette:
         default_ttl=settings.default_ttl,
         max_loaded_models=settings.max_loaded_models,
         memory_budget_mb=settings.memory_budget_mb,
+        max_num_seqs=settings.max_num_seqs,
+        kv_cache_tokens=settings.kv_cache_tokens,
     )
 
     async def health(request: Request) -> Response:

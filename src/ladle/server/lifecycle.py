@@ -119,6 +119,7 @@ class ModelPool:
         default_ttl: seconds a model loaded on demand may stay idle.
         max_loaded_models: how many models may be loaded at once.
         memory_budget_mb: estimated memory all loaded models may use together (None: no limit).
+        max_num_seqs, kv_cache_tokens: each text model's engine limits (see the builders).
     """
 
     def __init__(
@@ -129,12 +130,16 @@ class ModelPool:
         default_ttl: float,
         max_loaded_models: int,
         memory_budget_mb: int | None,
+        max_num_seqs: int = 16,
+        kv_cache_tokens: int | None = None,
     ) -> None:
         self._resolve = resolve
         self._metrics = metrics
         self.default_ttl = default_ttl
         self._max_models = max_loaded_models
         self._budget = None if memory_budget_mb is None else memory_budget_mb * MB
+        self._max_num_seqs = max_num_seqs
+        self._kv_cache_tokens = kv_cache_tokens
         self._loaded: dict[str, Resident] = {}
         self._loading: dict[str, asyncio.Task[Resident]] = {}
         self._reserved: dict[str, int] = {}  # bytes of loads in progress
@@ -234,8 +239,14 @@ class ModelPool:
         try:
             logger.info("loading %s from %s", source.model_id, source.path)
             started = time.perf_counter()
-            kind = EmbeddingModelBuilder if source.is_embedding() else TextModelBuilder
-            model = await kind(source.path).with_model_id(source.model_id).build_async()
+            if source.is_embedding():
+                builder: EmbeddingModelBuilder | TextModelBuilder
+                builder = EmbeddingModelBuilder(source.path)
+            else:
+                builder = TextModelBuilder(source.path).with_max_num_seqs(self._max_num_seqs)
+                if self._kv_cache_tokens is not None:
+                    builder = builder.with_kv_cache_tokens(self._kv_cache_tokens)
+            model = await builder.with_model_id(source.model_id).build_async()
             seconds = time.perf_counter() - started
             logger.info("loaded %s in %.1fs", source.model_id, seconds)
             self._metrics.observe_load(source.model_id, seconds)
