@@ -7,6 +7,7 @@ ladle model list|info|download|load|unload     the catalog, and models in the se
 ladle model register|unregister                local model files under an alias (models.py)
 ladle cache list|location|remove               the downloaded models (models.py)
 ladle perplexity MODEL FILE                    how well a model predicts a text (perplexity.py)
+ladle quantize SRC --type T --out F.gguf       write a quantized GGUF file (quantize.py)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 
 from ladle.cli.models import add_cache, add_model
 from ladle.cli.perplexity import add_perplexity
+from ladle.cli.quantize import add_quantize
 from ladle.cli.run import add_run
 from ladle.cli.serve import add_serve, add_service
 from ladle.errors import LadleError
@@ -46,4 +48,5 @@ def _parser() -> argparse.ArgumentParser:
     add_model(sub)
     add_cache(sub)
     add_perplexity(sub)
+    add_quantize(sub)
     return parser
