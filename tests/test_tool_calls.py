@@ -408,9 +408,11 @@ def test_forced_calls_always_validate(
     model: Model, question: str, tools: list[dict[str, Any]], choice: str, sampled: bool
 ) -> None:
     builder = RequestBuilder().add_message("user", question).set_tools(tools)
-    named = {"type": "function", "function": {"name": choice}}
-    builder.set_tool_choice("required" if choice == "required" else named)
-    builder.set_parallel_tool_calls(False).set_sampler_max_len(48)
+    builder.set_sampler_max_len(48)
+    if choice == "required":  # else a small model may call again and again until max_tokens
+        builder.set_tool_choice("required").set_parallel_tool_calls(False)
+    else:  # one call to the named function, with parallel_tool_calls left at true
+        builder.set_tool_choice({"type": "function", "function": {"name": choice}})
     if sampled:  # two choices decoded in one batch
         builder.set_sampler_temperature(1.0).set_sampler_seed(7).set_sampler_n_choices(2)
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
@@ -462,7 +464,6 @@ def test_streamed_forced_call_matches_the_whole_one(model: Model) -> None:
         "tool_choice": {"type": "function", "function": {"name": "add"}},
         "max_tokens": 40,
         "temperature": 0.0,
-        "parallel_tool_calls": False,
     }
     whole = model.send_chat_request(request).choices[0].message
     name, arguments, content = "", "", ""

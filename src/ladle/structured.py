@@ -22,7 +22,13 @@ from ladle.protocol import (
     CompletionRequest,
     Constraint,
 )
-from ladle.tool_calls import ToolFormat, callable_tools, is_call_forced, tool_call_grammar
+from ladle.tool_calls import (
+    ToolFormat,
+    allows_several_calls,
+    callable_tools,
+    is_call_forced,
+    tool_call_grammar,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -59,7 +65,8 @@ def _tool_call_grammar(
             "constraint; drop response_format or grammar",
             param="tool_choice",
         )
-    grammar = tool_call_grammar(tool_format, callable_tools(req), req.parallel_tool_calls)
+    several = allows_several_calls(req, tool_format)
+    grammar = tool_call_grammar(tool_format, callable_tools(req), several)
     return compiler.compile("lark", grammar, "tools")
 
 

@@ -101,8 +101,16 @@ def tool_parsing(req: ChatCompletionRequest, fmt: ToolFormat) -> ToolParsing | N
     tools = callable_tools(req)
     if not tools:
         return None
-    parallel = req.parallel_tool_calls and fmt.parallel
-    return ToolParsing(fmt, frozenset(t.function.name for t in tools), parallel)
+    names = frozenset(t.function.name for t in tools)
+    return ToolParsing(fmt, names, allows_several_calls(req, fmt))
+
+
+def allows_several_calls(req: ChatCompletionRequest, fmt: ToolFormat) -> bool:
+    """`parallel_tool_calls`, unless the syntax carries one call or `tool_choice` names a
+    function: that is a call to it, one (as vLLM constrains it), which a small model would
+    otherwise repeat until max_tokens."""
+    named = isinstance(req.effective_tool_choice(), NamedToolChoice)
+    return req.parallel_tool_calls and fmt.parallel and not named
 
 
 def callable_tools(req: ChatCompletionRequest) -> list[Tool]:
@@ -149,7 +157,7 @@ def tool_call_grammar(fmt: ToolFormat, tools: list[Tool], parallel: bool) -> str
     schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
     # compact JSON: a small model left free to indent can loop on whitespace
     schema = {**schema, "$defs": definitions, "x-guidance": {"whitespace_flexible": False}}
-    several = parallel and fmt.parallel
+    several = parallel and fmt.parallel  # one call for a syntax that carries one
     if fmt.name == HERMES.name:
         start = 'start: call ("\\n" call)*' if several else "start: call"
         call = 'call: "<tool_call>\\n" json_call "\\n</tool_call>"'
