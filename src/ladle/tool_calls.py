@@ -251,7 +251,8 @@ def _arguments(call: dict[str, Any]) -> Any:
 
 
 def _tools_prompt(fmt: ToolFormat, tools: list[dict[str, Any]]) -> str:
-    listed = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
+    functions = (t.get("function", t) for t in tools)  # `tokenize(tools=...)` takes them as given
+    listed = "\n".join(json.dumps(f, ensure_ascii=False) for f in functions)
     example = format_calls(fmt, [("<tool name>", {"<argument>": "<value>"})])
     return (
         f"You can call these tools:\n{listed}\n"
