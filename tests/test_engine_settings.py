@@ -22,7 +22,9 @@ def test_a_kv_budget_caps_the_context_and_still_serves(smollm2_path: Path) -> No
             model.send_completion_request({"prompt": "word " * 300, "max_tokens": 1})
 
 
-@pytest.mark.parametrize(("field", "value"), [("kv_cache_tokens", 1), ("max_num_seqs", 0)])
+@pytest.mark.parametrize(
+    ("field", "value"), [("kv_cache_tokens", 1), ("max_num_seqs", 0), ("num_threads", 0)]
+)
 def test_bad_engine_limits_name_the_setting(field: str, value: int) -> None:
     with pytest.raises(InvalidRequestError) as caught:
         ServerSettings(**{field: value})  # type: ignore[arg-type]

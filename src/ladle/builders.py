@@ -35,6 +35,13 @@ _DTYPES = {
 }
 
 
+def available_cores() -> int:
+    """torch's default (the physical cores), within the CPUs this process may run on (a
+    container's or `taskset`'s limit, which torch ignores)."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(torch.get_num_threads(), allowed or 1))
+
+
 class _Builder:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -106,6 +113,9 @@ class _Builder:
         return self
 
     def with_num_threads(self, num_threads: int) -> Self:
+        """CPU threads for the model's kernels (default: the cores this process may use)."""
+        if num_threads < 1:
+            raise InvalidRequestError("must be >= 1", "num_threads")
         self.num_threads = num_threads
         return self
 
@@ -149,8 +159,8 @@ class _Builder:
         )
 
     def _load(self) -> LoadedModel:
-        if self.num_threads is not None:
-            torch.set_num_threads(self.num_threads)
+        # on the thread that will run the model: OpenMP's thread count is per calling thread
+        torch.set_num_threads(self.num_threads or available_cores())
         return load_model(
             self.path,
             dtype=self.dtype,

@@ -58,6 +58,7 @@ class ServerSettings:
         catalog_paths: catalog files or folders read besides the built-in catalog.
         max_num_seqs: sequences each text model decodes together, at most.
         kv_cache_tokens: each text model's KV cache budget in tokens (None: one full context).
+        num_threads: CPU threads per model (None: the cores this process may use).
     """
 
     host: str = "127.0.0.1"
@@ -70,6 +71,7 @@ class ServerSettings:
     catalog_paths: tuple[Path, ...] = ()
     max_num_seqs: int = 16
     kv_cache_tokens: int | None = None
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -92,6 +94,8 @@ class ServerSettings:
             raise InvalidRequestError(
                 f"must be at least 2, got {self.kv_cache_tokens}", "kv_cache_tokens"
             )
+        if self.num_threads is not None and self.num_threads < 1:
+            raise InvalidRequestError(f"must be at least 1, got {self.num_threads}", "num_threads")
         if self.api_key == "":
             raise InvalidRequestError("must not be empty (leave it unset for no key)", "api_key")
 
@@ -119,6 +123,7 @@ def create_app(settings: ServerSettings) -> Starlette:
         memory_budget_mb=settings.memory_budget_mb,
         max_num_seqs=settings.max_num_seqs,
         kv_cache_tokens=settings.kv_cache_tokens,
+        num_threads=settings.num_threads,
     )
 
     async def health(request: Request) -> Response:

@@ -120,6 +120,7 @@ class ModelPool:
         max_loaded_models: how many models may be loaded at once.
         memory_budget_mb: estimated memory all loaded models may use together (None: no limit).
         max_num_seqs, kv_cache_tokens: each text model's engine limits (see the builders).
+        num_threads: CPU threads per model (None: the builders' default).
     """
 
     def __init__(
@@ -132,6 +133,7 @@ class ModelPool:
         memory_budget_mb: int | None,
         max_num_seqs: int = 16,
         kv_cache_tokens: int | None = None,
+        num_threads: int | None = None,
     ) -> None:
         self._resolve = resolve
         self._metrics = metrics
@@ -140,6 +142,7 @@ class ModelPool:
         self._budget = None if memory_budget_mb is None else memory_budget_mb * MB
         self._max_num_seqs = max_num_seqs
         self._kv_cache_tokens = kv_cache_tokens
+        self._num_threads = num_threads
         self._loaded: dict[str, Resident] = {}
         self._loading: dict[str, asyncio.Task[Resident]] = {}
         self._reserved: dict[str, int] = {}  # bytes of loads in progress
@@ -246,6 +249,8 @@ class ModelPool:
                 builder = TextModelBuilder(source.path).with_max_num_seqs(self._max_num_seqs)
                 if self._kv_cache_tokens is not None:
                     builder = builder.with_kv_cache_tokens(self._kv_cache_tokens)
+            if self._num_threads is not None:
+                builder = builder.with_num_threads(self._num_threads)
             model = await builder.with_model_id(source.model_id).build_async()
             seconds = time.perf_counter() - started
             logger.info("loaded %s in %.1fs", source.model_id, seconds)
