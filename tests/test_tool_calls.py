@@ -492,3 +492,35 @@ def test_an_invalid_parameters_schema_is_refused(model: Model) -> None:
             _request(tools=TOOLS, tool_choice="required", response_format={"type": "json_object"})
         )
     assert caught.value.param == "tool_choice"
+
+
+@pytest.fixture(scope="module")
+def hermes_model(smollm2_path: Path) -> Iterator[Model]:
+    """SmolLM2 with a Qwen-style template: tools, calls and results rendered natively."""
+    builder = GgufModelBuilder(smollm2_path.parent, smollm2_path.name)
+    m = builder.with_chat_template(QWEN_TEMPLATE).build()
+    yield m
+    m.close()
+
+
+@pytest.mark.real_model
+def test_hermes_template_call_and_result_continue_the_conversation(hermes_model: Model) -> None:
+    question = [{"role": "user", "content": "Add 5 and 6."}]
+    request = {
+        "messages": question,
+        "tools": TOOLS,
+        "tool_choice": {"type": "function", "function": {"name": "add"}},
+        "max_tokens": 40,
+        "temperature": 0.0,
+    }
+    response = hermes_model.send_chat_request(request)
+    _check_calls(response, {"add": ADD})
+    (call,) = response.choices[0].message.tool_calls or []
+    result = {"role": "tool", "tool_call_id": call.id, "content": "11"}
+    turn = {"role": "assistant", "content": "", "tool_calls": [call.model_dump()]}
+    follow_up = {**request, "messages": [*question, turn, result], "tool_choice": "none"}
+    prompt = hermes_model.detokenize(hermes_model.tokenize(follow_up["messages"], tools=TOOLS))
+    assert f'<tool_call>\n{{"name": "add", "arguments": {call.function.arguments}}}' in prompt
+    assert "<tool_response>\n11\n</tool_response>" in prompt
+    answer = hermes_model.send_chat_request({**follow_up, "max_tokens": 6}).choices[0]
+    assert answer.message.tool_calls is None and answer.message.content
