@@ -23,6 +23,7 @@ from ladle.engine.loading.chat_template import render_chat_template, template_ca
 from ladle.engine.loading.gguf import read_gguf
 from ladle.engine.loading.tokenizer import Tokenizer
 from ladle.engine.sequence import TokenEvent
+from ladle.model_core import CONSTRAINED_MAX_TOKENS
 from ladle.protocol import ChatCompletionChunk, ChatCompletionRequest, Tool, parse_request
 from ladle.responses import Accumulator
 from ladle.tool_calls import (
@@ -524,3 +525,18 @@ def test_hermes_template_call_and_result_continue_the_conversation(hermes_model:
     assert "<tool_response>\n11\n</tool_response>" in prompt
     answer = hermes_model.send_chat_request({**follow_up, "max_tokens": 6}).choices[0]
     assert answer.message.tool_calls is None and answer.message.content
+
+
+@pytest.mark.real_model
+def test_constrained_requests_without_max_tokens_are_capped(model: Model) -> None:
+    """An unbounded schema would otherwise run to the end of the context."""
+    forced = _request(tools=TOOLS, tool_choice="required")
+    cases = [
+        (forced, CONSTRAINED_MAX_TOKENS),
+        (_request(response_format={"type": "json_object"}), CONSTRAINED_MAX_TOKENS),
+        ({**forced, "max_tokens": 5000}, 5000),
+        (_request(tools=TOOLS), None),  # auto: free text, as without tools
+    ]
+    for request, max_tokens in cases:
+        _, _, params = model._core.prepare_chat(request)
+        assert params.max_tokens == max_tokens
