@@ -11,7 +11,7 @@ same thread count, and is stopped before the next one starts. Through `/v1/chat/
 - time to first token of a ~600-token prompt (a ~500-token system prompt, a ~100-token user
   message): cold, then after a request with the same system prompt (the median of 3 pairs);
 - the server's peak RSS (`VmHWM` of it and its children) over the whole run, with a
-  4096-token context / KV budget where the server has such a setting.
+  4096-token KV budget (`ladle serve --kv-cache-tokens`, llama.cpp's `--n_ctx`).
 llama-cpp-python is measured when `llama_cpp.server` imports in `--peer-python` (it needs the
 `[server]` extras); otherwise its column says n/a. Timing needs a quiet machine.
 """
@@ -42,10 +42,7 @@ from ladle.catalog import DEFAULT_CHAT_MODEL, resolve
 from ladle.engine.loading.gguf import read_gguf
 
 KV_BUDGET_TOKENS = 4096
-# `ladle serve` has no context / KV budget setting yet: each sequence's KV cache grows as it
-# needs. The engine rewrite of issue 4 adds one; put its flag here (e.g. "--kv-cache-tokens")
-# and it is passed with KV_BUDGET_TOKENS.
-LADLE_KV_BUDGET_FLAG: str | None = None
+LADLE_KV_BUDGET_FLAG = "--kv-cache-tokens"  # `ladle serve`'s KV budget, in tokens
 
 MODEL_ALIAS = "bench"
 DECODE_TOKENS = 128
@@ -257,13 +254,8 @@ def ladle_server(model: str, threads: int, home: Path) -> Server:
         raise RuntimeError(f"ladle model register failed: {done.stderr.strip()[-200:]}")
     port = free_port()
     cmd = [sys.executable, "-m", "ladle", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--cache-dir", str(home / "cache")]
-    if LADLE_KV_BUDGET_FLAG:
-        cmd += [LADLE_KV_BUDGET_FLAG, str(KV_BUDGET_TOKENS)]
-        budget = f"{LADLE_KV_BUDGET_FLAG} {KV_BUDGET_TOKENS}"
-    else:
-        budget = "no KV budget setting yet (KV grows per sequence)"
-    settings = f"ladle serve, OMP_NUM_THREADS={threads}, {budget}"
+    cmd += ["--cache-dir", str(home / "cache"), LADLE_KV_BUDGET_FLAG, str(KV_BUDGET_TOKENS)]
+    settings = f"ladle serve {LADLE_KV_BUDGET_FLAG} {KV_BUDGET_TOKENS}, OMP_NUM_THREADS={threads}"
     return Server("ladle", port, cmd, env, "/health", settings)
 
 
