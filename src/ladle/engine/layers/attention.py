@@ -58,6 +58,15 @@ class Attention(nn.Module):
             is_causal = True
         else:
             mask = _mask(num_tokens, start, window, q.device)
+        if num_tokens == 1 and self.logit_softcap is None:  # decode: the fewest kernel calls
+            out = F.scaled_dot_product_attention(
+                q.reshape(1, self.num_heads, 1, self.head_dim),
+                keys.unsqueeze(0),
+                values.unsqueeze(0),
+                scale=self.scale,
+                enable_gqa=self.num_heads != self.num_kv_heads,
+            )
+            return out.view(1, self.num_heads * self.head_dim)
         q = q.transpose(0, 1)  # [H, T, D]
         if self.logit_softcap is None:
             out = F.scaled_dot_product_attention(
