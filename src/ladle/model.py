@@ -256,6 +256,34 @@ class Model:
         handle = self._core.engine.submit(prompt, params, sink, continues_prompt=continues_prompt)
         yield from _drain(handle, params.n, sink.queue.get)
 
+    # ---- in-place quantization (ISQ)
+
+    def re_isq_model(self, ggml_type: str | int, model_id: str | None = None) -> str:
+        """Re-quantize the linear layers to `ggml_type` (an ISQ type) while serving.
+
+        Reads the source weights again (the resident ones, with a warning, if the file is
+        gone); requests in flight go on. Returns the canonical type name.
+        """
+        return self._isq_core(model_id).quantizer.re_isq(str(ggml_type))
+
+    def begin_calibration(self) -> None:
+        """Start collecting each linear layer's input statistics from the traffic served."""
+        self._isq_core(None).quantizer.begin_calibration()
+
+    def calibration_status(self) -> dict[str, int]:
+        """Tokens each linear layer has seen since `begin_calibration`, by module name."""
+        return self._isq_core(None).quantizer.calibration_status()
+
+    def apply_calibration(self, save_cimatrix: str | None = None) -> str:
+        """Re-quantize weighted by the statistics collected; save them to `save_cimatrix`."""
+        return self._isq_core(None).quantizer.apply_calibration(save_cimatrix)
+
+    def _isq_core(self, model_id: str | None) -> ModelCore:
+        core = self._core
+        if model_id is not None and model_id != core.model_id:
+            raise InvalidRequestError(f"this model is {core.model_id!r}", "model_id")
+        return core
+
 
 def _drain(handle: RequestHandle, n: int, get: Any) -> Iterator[TokenEvent]:
     finished = 0
@@ -425,3 +453,20 @@ class AsyncModel:
         finally:
             if finished < params.n:
                 handle.abort()
+
+    # ---- in-place quantization (ISQ): `Model`'s methods, run off the event loop
+
+    async def re_isq_model(self, ggml_type: str | int, model_id: str | None = None) -> str:
+        core = self._core
+        if model_id is not None and model_id != core.model_id:
+            raise InvalidRequestError(f"this model is {core.model_id!r}", "model_id")
+        return await asyncio.to_thread(core.quantizer.re_isq, str(ggml_type))
+
+    async def begin_calibration(self) -> None:
+        await asyncio.to_thread(self._core.quantizer.begin_calibration)
+
+    async def calibration_status(self) -> dict[str, int]:
+        return self._core.quantizer.calibration_status()
+
+    async def apply_calibration(self, save_cimatrix: str | None = None) -> str:
+        return await asyncio.to_thread(self._core.quantizer.apply_calibration, save_cimatrix)

@@ -7,6 +7,7 @@ The two API classes differ only in how they wait for the engine's events.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -24,6 +25,7 @@ from ladle.engine.loading.chat_template import (
     validate_messages,
 )
 from ladle.engine.models.base import CausalLM
+from ladle.engine.quant.live import LiveQuantizer
 from ladle.engine.sampling import SamplingParams
 from ladle.errors import ContextLengthError, InvalidRequestError
 from ladle.messages import RequestBuilder, TextMessages
@@ -372,3 +374,10 @@ class ModelCore:
             file_format=self.loaded.file_format,
             path=str(self.loaded.path),
         )
+
+    # ---- in-place quantization (ISQ)
+
+    @functools.cached_property
+    def quantizer(self) -> LiveQuantizer:
+        """Re-ISQ and calibration of this model while its engine serves."""
+        return LiveQuantizer(self.loaded, self.engine.run)

@@ -23,7 +23,7 @@ from ladle.engine.loading.weights import gguf_module_name, gguf_weights, safeten
 from ladle.engine.models import ARCHITECTURES
 from ladle.engine.models.base import CausalLM, CheckpointModule, Weight
 from ladle.engine.quant.imatrix import read_imatrix
-from ladle.engine.quant.isq import IsqSpec, parse_isq_type
+from ladle.engine.quant.isq import IsqSpec, LayerIsq, parse_isq_type
 from ladle.errors import ModelLoadError, UnsupportedArchitectureError
 
 
@@ -117,16 +117,34 @@ def isq_spec(request: IsqRequest, architecture: str) -> IsqSpec | None:
     return IsqSpec(isq_type, vectors)
 
 
-def assign_isq(model: CheckpointModule, spec: IsqSpec | None) -> None:
-    """Give every linear layer but the output head its ISQ spec (None: load as stored)."""
+def quantizable_linears(model: CheckpointModule) -> dict[str, Linear]:
+    """The linear layers ISQ applies to, by module name: all but the output head."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, Linear) and not isinstance(module, LMHead)
+    }
+
+
+def layer_specs(model: CheckpointModule, spec: IsqSpec) -> dict[str, LayerIsq]:
+    """Each quantizable layer's spec, its importance vector found under its own name or those
+    of the checkpoint modules fused into it."""
     fused_parts: dict[str, list[str]] = {}
     for part, (fused, _) in model.packed_modules_mapping.items():
         fused_parts.setdefault(fused, []).append(part)
-    for name, module in model.named_modules():
-        if isinstance(module, Linear) and not isinstance(module, LMHead):
-            prefix, _, leaf = name.rpartition(".")
-            parts = [f"{prefix}.{p}" if prefix else p for p in fused_parts.get(leaf, [])]
-            module.isq = None if spec is None else spec.for_layer([name, *parts])
+    specs = {}
+    for name in quantizable_linears(model):
+        prefix, _, leaf = name.rpartition(".")
+        parts = [f"{prefix}.{p}" if prefix else p for p in fused_parts.get(leaf, [])]
+        specs[name] = spec.for_layer([name, *parts])
+    return specs
+
+
+def assign_isq(model: CheckpointModule, spec: IsqSpec | None) -> None:
+    """Give every quantizable linear layer its ISQ spec (None: load as stored)."""
+    specs = layer_specs(model, spec) if spec is not None else {}
+    for name, module in quantizable_linears(model).items():
+        module.isq = specs.get(name)
 
 
 def reload_model(loaded: LoadedModel, isq: IsqSpec) -> CausalLM:

@@ -2,7 +2,7 @@
 
 Every format holds, per linear weight, the sum of squared input activations per input channel
 and how many rows (or calls) it summed; what quantization uses is the mean `E[x_i^2]`.
-- `.cimatrix` (ladle): a safetensors file with `<module>.in_sum2` (float32 [in_features]) and
+- `.cimatrix` (ladle): a safetensors file with `<module>.in_sum2` (float64 [in_features]) and
   `<module>.counts` (float32 [1], rows seen) per linear layer, named by ladle's module names
   (`model.layers.0.self_attn.qkv_proj`, fused as the layers run), and metadata
   `{"format": "ladle.cimatrix"}`. The tensor names mirror llama.cpp's GGUF imatrix.
@@ -59,7 +59,7 @@ def save_cimatrix(path: str | Path, stats: Mapping[str, ActivationStats]) -> Non
     """Write per-layer statistics as a `.cimatrix` file `with_imatrix` reads back."""
     tensors: dict[str, torch.Tensor] = {}
     for name, s in stats.items():
-        tensors[name + _SUM] = s.sum_sq.float().contiguous()
+        tensors[name + _SUM] = s.sum_sq.contiguous()  # float64: read back, the same means
         tensors[name + _COUNT] = torch.tensor([float(s.rows)])
     save_file(tensors, str(path), metadata={"format": CIMATRIX_FORMAT})
 
