@@ -35,6 +35,7 @@ from ladle.server.foundry_routes import FoundryRoutes
 from ladle.server.lifecycle import CatalogResolver, ModelPool
 from ladle.server.metrics import Metrics, RequestMetrics
 from ladle.server.openai_routes import OpenAIRoutes
+from ladle.server.quant_routes import QuantRoutes
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ def create_app(settings: ServerSettings) -> Starlette:
             Route("/metrics", render_metrics, methods=["GET"]),
             *OpenAIRoutes(pool, metrics, catalog, cache).routes(),
             *FoundryRoutes(settings.url, catalog, cache, pool).routes(),
+            *QuantRoutes(pool).routes(),
         ],
         middleware=middleware,
         exception_handlers={
