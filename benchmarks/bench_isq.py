@@ -10,8 +10,9 @@ includes quantizing). Perplexity is `ladle.perplexity` (transformers' strided wi
 chapter I of Alice in Wonderland (benchmarks/data); decode tokens/s is 128 greedy tokens
 after a short prompt. "Q4K+calib" quantizes to Q4K, collects activation statistics while it
 serves the start of chapter II (`begin_calibration`), re-quantizes with them
-(`apply_calibration`) and is then measured like the others. A configuration that cannot run
-(a type or method this ladle lacks) prints "n/a" and the reason.
+(`apply_calibration`) and is then measured like the others. A configuration that fails
+prints "n/a" and the last line of its error. `--types` with no names measures only the
+source and Q4K+calib.
 Targets from issue 7: Q8_0 within 1% of the source's perplexity; Q4K+calib no worse than Q4K.
 """
 
@@ -79,14 +80,12 @@ def build(config: str, path: Path) -> Model:
 
 def calibrate(model: Model) -> None:
     """Serve the calibration text as a completion prompt, then re-quantize with its statistics."""
-    begin = getattr(model, "begin_calibration", None)
-    apply = getattr(model, "apply_calibration", None)
-    if begin is None or apply is None:
-        raise RuntimeError("Model has no begin_calibration / apply_calibration in this ladle")
-    begin()
+    model.begin_calibration()
     request = {"prompt": CALIBRATION_TEXT.read_text(), "max_tokens": 1, "temperature": 0.0}
     model.send_completion_request(request)
-    apply()
+    if not any(model.calibration_status().values()):
+        raise RuntimeError("calibration saw no tokens")
+    model.apply_calibration()
 
 
 def decode_tokens_per_second(model: Model) -> float:
@@ -164,7 +163,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="GGUF (default: SmolLM2 Q4_1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--context", type=int, default=512, help="perplexity window")
-    parser.add_argument("--types", nargs="+", default=ISQ_TYPES, help="ISQ types to measure")
+    parser.add_argument("--types", nargs="*", default=ISQ_TYPES, help="ISQ types to measure")
     parser.add_argument("--child", default=None)
     args = parser.parse_args()
     if args.model is None:
