@@ -20,7 +20,8 @@ def one_thread() -> Iterator[None]:
 
     They are hundreds of mid-sized elementwise ops, each a parallel region: on a busy machine
     every region waits for a second core (measured on 2 shared cores, load 6-9: Q4_K on
-    256x1024 took 3.6 s on 2 threads, 40 ms on 1).
+    256x1024 took 3.6 s on 2 threads, 40 ms on 1). torch's OpenMP thread count belongs to the
+    calling thread, so re-quantizing on a worker thread leaves the engine thread's alone.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
