@@ -7,7 +7,10 @@ through the file named by the caller.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +69,31 @@ def load_model(
         loaded.tokenizer = Tokenizer.from_folder(Path(tokenizer_path))
     if chat_template is not None:
         loaded.tokenizer.chat_templates["default"] = _read_template(chat_template)
+    release_free_memory()
     return loaded
+
+
+def _trimming(weights: Iterable[tuple[str, Weight]]) -> Iterable[tuple[str, Weight]]:
+    """The weights, handing freed temporaries back to the OS every few tensors, so that
+    loading peaks near the model's own size rather than the sum of its temporaries."""
+    for i, item in enumerate(weights, 1):
+        yield item
+        if i % _TRIM_EVERY == 0:
+            release_free_memory()
+
+
+_TRIM_EVERY = 8
+
+
+def release_free_memory() -> None:
+    """Hand the heap that loading freed back to the OS.
+
+    Decoding and repacking the weights frees many large temporaries that glibc keeps for
+    reuse; on SmolLM2 that was 140 MB of resident memory no tensor used (RSS 540 -> 400 MB).
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl): nothing to trim
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _build(config: ModelConfig, path: Path) -> CausalLM:
@@ -90,7 +117,7 @@ def load_checkpoint(
     """Load (quantizing linear layers to `isq`), naming the file in errors about a tensor."""
     assign_isq(model, isq)
     try:
-        model.load_weights(weights, dtype)
+        model.load_weights(_trimming(weights), dtype)
     except ModelLoadError as e:
         if e.path.startswith(str(path)):
             raise
