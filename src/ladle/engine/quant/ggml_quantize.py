@@ -6,6 +6,14 @@ chosen by the weighted searches of `search.py`, optionally weighted by an import
 (mean squared activation per input channel), minimizing `sum w_i (x_i - q_i)^2` per block as
 llama.cpp's `quantize_row_*_impl` do. Q8_0 ignores the importance matrix, as llama.cpp does:
 at 8 bits the round-to-nearest error is already far below the other types'.
+
+With an importance matrix every block is also quantized without it (and, for Q4_0 / Q4_1,
+by llama.cpp's plain rounding, `gguf.quants`' reference), and the block keeps whichever
+decodes with the smallest weighted error, so calibration never loses against those under the
+error it minimizes. The search alone cannot promise that: a K-quant's group scales are
+rounded to 6 bits after the search, and with weights that span orders of magnitude the
+least-squares fits lose precision; the plain fit of an already quantized source (SmolLM2's
+Q4_1 weights) even recovers that source's grid exactly.
 Everything is vectorized over blocks in torch; rows are processed in slices to bound memory.
 """
 
@@ -16,9 +24,19 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
+from gguf.quants import quantize as reference_quantize
 
 from ladle.engine.quant.ggml import GGMLTensor
-from ladle.engine.quant.search import affine_scale_min, importance, one_thread, symmetric_scale
+from ladle.engine.quant.search import (
+    IMATRIX_GRID,
+    PLAIN_GRID,
+    affine_scale_min,
+    importance,
+    one_thread,
+    positive_grid,
+    symmetric_scale,
+)
 
 Q = GGMLQuantizationType
 Quantizer = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (rows, imatrix) -> bytes
@@ -58,8 +76,46 @@ def quantize(
         for start in range(0, rows, step):
             x = weight[start : start + step].detach().to(torch.float32)
             data = _QUANTIZERS[ggml_type](x, imatrix)
+            if imatrix is not None and ggml_type in _SIGMA_SCALE:
+                candidates = [_QUANTIZERS[ggml_type](x, None), data]  # ties keep the first
+                if ggml_type in _ROUNDED:
+                    rounded = reference_quantize(x.numpy(), ggml_type)
+                    candidates.insert(1, torch.from_numpy(rounded).view(data.shape))
+                data = _least_error(x, error_weights(x, imatrix, ggml_type), candidates, ggml_type)
             out[start : start + len(x)] = data.reshape(len(x), -1).numpy()
     return GGMLTensor(name, ggml_type, out, (rows, cols))
+
+
+def error_weights(
+    x: torch.Tensor, imatrix: torch.Tensor | None, ggml_type: GGMLQuantizationType
+) -> torch.Tensor:
+    """The weights `w` [rows, in] of the error `sum w_i (x_i - q_i)^2` that `ggml_type`'s
+    search minimizes for rows `x`, given the importance matrix (None: by magnitude)."""
+    return importance(x, imatrix, _SIGMA_SCALE.get(ggml_type, 1.0))
+
+
+def _least_error(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    candidates: list[torch.Tensor],
+    ggml_type: GGMLQuantizationType,
+) -> torch.Tensor:
+    """Per block, the candidate's bytes ([blocks, type size]) that decode with the least
+    weighted error; among equals, the earliest."""
+    block = GGML_QUANT_SIZES[ggml_type][0]
+    xb, wb = x.reshape(-1, block), w.reshape(-1, block)
+
+    def error(data: torch.Tensor) -> torch.Tensor:
+        values = torch.from_numpy(dequantize(data.reshape(len(x), -1).numpy(), ggml_type))
+        return (wb * (values.reshape(-1, block) - xb) ** 2).sum(-1)
+
+    best, best_err = candidates[0], error(candidates[0])
+    for data in candidates[1:]:
+        err = error(data)
+        better = err < best_err
+        best = torch.where(better[:, None], data, best)
+        best_err = torch.where(better, err, best_err)
+    return best
 
 
 def _dense(dtype: torch.dtype) -> Quantizer:
@@ -77,7 +133,7 @@ def _q8_0(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
 
 
 def _q4_0(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
-    w = importance(x, imatrix).reshape(-1, 32)
+    w = error_weights(x, imatrix, Q.Q4_0).reshape(-1, 32)
     blocks = x.reshape(-1, 32)
     d = symmetric_scale(blocks, w, 8).half()
     q = (blocks / _nonzero(d.float())).round().clamp(-8, 7) + 8
@@ -85,9 +141,10 @@ def _q4_0(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
 
 
 def _q4_1(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
-    w = importance(x, imatrix).reshape(-1, 32)
+    w = error_weights(x, imatrix, Q.Q4_1).reshape(-1, 32)
     blocks = x.reshape(-1, 32)
-    scale, mn = affine_scale_min(blocks, w, 15, signed_min=True)
+    grid = PLAIN_GRID if imatrix is None else IMATRIX_GRID
+    scale, mn = affine_scale_min(blocks, w, 15, grid, signed_min=True)
     d, m = scale.half(), mn.half()
     q = ((blocks - m.float()) / _nonzero(d.float())).round().clamp(0, 15)
     return torch.cat([_bytes(d), _bytes(m), _pack_nibbles(q.to(torch.uint8))], dim=-1)
@@ -98,15 +155,25 @@ def _k_affine(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q4_K / Q5_K: 8 groups of 32 per super-block of 256, 6-bit scales and mins.
 
+    Without an importance matrix the 6-bit scales and mins are rounded against their maximum
+    (`quantize_row_q4_K_ref`); with one, they are fitted under each group's total weight
+    (`make_qp_quants`), as llama.cpp's `quantize_row_q4_K_impl` does.
     Returns (d, dmin) fp16 [B, 1], 6-bit (sc, m) [B, 8] and the integers q [B, 8, 32].
     """
-    w = importance(x, imatrix, sigma_scale=2.0).reshape(-1, 8, 32)
+    w = error_weights(x, imatrix, Q.Q4_K).reshape(-1, 8, 32)
     groups = x.reshape(-1, 8, 32)
-    scale, mn = affine_scale_min(groups, w, nmax)  # [B, 8, 1]
-    d = (scale.amax(dim=1) / 63).half()  # [B, 1]
-    dmin = (-mn).amax(dim=1).div(63).half()
-    sc = (scale[..., 0] / _nonzero(d.float())).round().clamp(0, 63)
-    m = (-mn[..., 0] / _nonzero(dmin.float())).round().clamp(0, 63)
+    grid = PLAIN_GRID if imatrix is None else IMATRIX_GRID
+    scale, mn = affine_scale_min(groups, w, nmax, grid)  # [B, 8, 1]
+    if imatrix is None:
+        d = (scale.amax(dim=1) / 63).half()  # [B, 1]
+        dmin = (-mn).amax(dim=1).div(63).half()
+        sc = (scale[..., 0] / _nonzero(d.float())).round().clamp(0, 63)
+        m = (-mn[..., 0] / _nonzero(dmin.float())).round().clamp(0, 63)
+    else:
+        group_weight = w.sum(-1)  # [B, 8]
+        d, sc = positive_grid(scale[..., 0], group_weight, 63)
+        dmin, m = positive_grid(-mn[..., 0], group_weight, 63)
+        d, dmin = d.half(), dmin.half()
     eff_scale = (d.float() * sc)[..., None]
     eff_min = (dmin.float() * m)[..., None]
     q = ((groups + eff_min) / _nonzero(eff_scale)).round().clamp(0, nmax)
@@ -132,7 +199,7 @@ def _q5_k(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
 
 
 def _q6_k(x: torch.Tensor, imatrix: torch.Tensor | None) -> torch.Tensor:
-    w = importance(x, imatrix, sigma_scale=2.0).reshape(-1, 16, 16)
+    w = error_weights(x, imatrix, Q.Q6_K).reshape(-1, 16, 16)
     groups = x.reshape(-1, 16, 16)
     scale = symmetric_scale(groups, w, 32)[..., 0]  # [B, 16]
     idx = scale.abs().argmax(dim=-1, keepdim=True)
@@ -190,3 +257,6 @@ _QUANTIZERS: dict[
     Q.Q6_K: _q6_k,
 }
 QUANTIZABLE = frozenset(_QUANTIZERS)
+# Types whose search an importance matrix weights, and the `sigma_scale` of their weights.
+_SIGMA_SCALE = {Q.Q4_0: 1.0, Q.Q4_1: 1.0, Q.Q4_K: 2.0, Q.Q5_K: 2.0, Q.Q6_K: 2.0}
+_ROUNDED = (Q.Q4_0, Q.Q4_1)  # types whose unweighted search is not llama.cpp's plain rounding
