@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from gguf import GGMLQuantizationType
+from tokenizers import Tokenizer, models
 
 from ladle import GgufModelBuilder, Model
 from ladle.cli import main
@@ -78,13 +80,26 @@ def test_quantized_file_loads_and_stays_close(
     assert relative(got, want) < tolerance
 
 
-def test_hqq_and_non_gguf_sources_are_clear_errors(
+def test_hqq_types_and_unwritable_sources_are_clear_errors(
     smollm2_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = str(tmp_path / "x.gguf")
     assert main(["quantize", str(smollm2_path), "--type", "HQQ4", "--out", out]) == 1
     assert "HQQ4 cannot be written to GGUF" in capsys.readouterr().err
-    assert main(["quantize", str(tmp_path), "--type", "Q4K", "--out", out]) == 1
-    assert "only GGUF files can be quantized" in capsys.readouterr().err
     assert main(["quantize", str(smollm2_path), "--type", "Q3", "--out", out]) == 1
     assert "unknown ISQ type 'Q3'" in capsys.readouterr().err
+    folder = tmp_path / "model"
+    folder.mkdir()
+    assert main(["quantize", str(folder), "--type", "Q4K", "--out", out]) == 1
+    assert "no config.json: not a Hugging Face model folder" in capsys.readouterr().err
+    config = {"model_type": "phi3", "vocab_size": 64, "hidden_size": 32}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert main(["quantize", str(folder), "--type", "Q4K", "--out", out]) == 1
+    assert "architecture 'phi3' cannot be written to GGUF" in capsys.readouterr().err
+    config |= {"model_type": "llama", "intermediate_size": 64, "num_hidden_layers": 1}
+    (folder / "config.json").write_text(json.dumps(config | {"num_attention_heads": 2}))
+    sentencepiece_style = Tokenizer(models.BPE({"a": 0, "<0x61>": 1}, [], byte_fallback=True))
+    sentencepiece_style.save(str(folder / "tokenizer.json"))
+    assert main(["quantize", str(folder), "--type", "Q4K", "--out", out]) == 1
+    assert "a BPE with byte fallback tokenizer cannot be written" in capsys.readouterr().err
+    assert not Path(out).exists()

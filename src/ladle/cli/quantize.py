@@ -1,4 +1,5 @@
-"""`ladle quantize SRC --type Q4K --out F.gguf [--imatrix M]`: write a quantized GGUF file."""
+"""`ladle quantize SRC --type Q4K --out F.gguf [--imatrix M]`: write a quantized GGUF file from a
+GGUF file or a Hugging Face safetensors folder."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from ladle.errors import InvalidRequestError
 
 def add_quantize(sub: Any) -> None:
     parser = sub.add_parser("quantize", help="write a GGUF file quantized to another type")
-    parser.add_argument("source", type=Path, help="a GGUF file")
+    parser.add_argument(
+        "source", type=Path, help="a GGUF file, or a Hugging Face safetensors model folder"
+    )
     parser.add_argument(
         "--type", required=True, help=f"{', '.join(GGML_ISQ)} (case-insensitive), or bits 4, 8"
     )
