@@ -181,6 +181,8 @@ def _rope_freqs(config: ModelConfig) -> dict[str, TensorLoader]:
     dim = config.head_dim
     freqs = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    # the rope dict's value, as transformers reads it (llama.cpp reads a top-level one, default
+    # 8192: the same on Llama 3.x, whose configs state 8192 in the dict only)
     old_context = scaling["original_max_position_embeddings"]
     factors = []
     for freq in freqs.tolist():

@@ -16,8 +16,8 @@ does not divide the width. ladle keeps Q4K's fallback at 4 bits: Q4_1 runs on th
 kernel as Q4_K, while ladle runs Q5_0 dequantized to the model's dtype (fp32: 6x its size),
 so a Q4K model stays a 4-bit model whatever its widths. ladle has no Q5_0 / Q5_1 quantizer,
 so Q5K falls back to Q8_0. A width no block type divides stays as loaded (`ladle quantize`
-writes it as F16). The cost shows on SmolLM2 (576 wide): only its ffn_down (1536 wide) gets
-Q4_K; every other layer is Q4_1, which from its Q4_1 source is the source itself.
+writes a float one as F16). The cost shows on SmolLM2 (576 wide): only its ffn_down (1536
+wide) gets Q4_K; every other layer is Q4_1, which from its Q4_1 source is the source itself.
 """
 
 from __future__ import annotations
