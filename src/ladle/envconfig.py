@@ -7,6 +7,8 @@
     LADLE_HF_TOKEN      a hub token for gated models (else HF_TOKEN)
     LADLE_API_KEY       the Bearer key the service requires; how `ladle service start` hands
                         it to the process it spawns (never on the command line)
+    LADLE_COMPILE       0 turns off compiling text models' steps in the background (default 1)
+    LADLE_NATIVE_KERNELS  0 turns off building and using the C++ kernels (default 1)
 
 Each is read when asked for, not at import, so a test or a long-running service sees a change.
 The `HF_*` fallbacks are the hub's own variables, honoured so an existing setup just works.
@@ -51,6 +53,17 @@ def hf_token() -> str | None:
 def api_key() -> str | None:
     """`LADLE_API_KEY`, else None (no key required)."""
     return os.environ.get(API_KEY_VAR) or None
+
+
+def compile_models() -> bool:
+    """`LADLE_COMPILE`: whether text models compile their step (on unless 0/false/no/off)."""
+    return os.environ.get("LADLE_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def native_kernels() -> bool:
+    """`LADLE_NATIVE_KERNELS`: build and use the C++ kernels (on unless 0/false/no/off)."""
+    raw = os.environ.get("LADLE_NATIVE_KERNELS", "1")
+    return raw.strip().lower() not in ("0", "false", "no", "off")
 
 
 def _path(name: str) -> Path | None:

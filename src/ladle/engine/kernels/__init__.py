@@ -1,0 +1,2 @@
+"""Native CPU kernels: C++ sources of the `ladle_kernels` torch operators, and `native`, which
+builds and loads them."""

@@ -1,0 +1,205 @@
+"""Build and load the `ladle_kernels` torch operators from the C++ sources beside this file.
+
+The sources are compiled with the system's `g++` for this very CPU (`-march=native`), once:
+the library is cached as `$XDG_CACHE_HOME/ladle/kernels/<hash>/ladle_kernels.so` (default
+`~/.cache`), the hash covering the sources, torch's version, the flags and the CPU's feature
+flags, so an upgrade or another machine rebuilds. A build takes 15-60 s, so callers load in a
+background thread and keep their pure-torch path until `available()`. Without a compiler, or
+when the build fails, `load()` logs one warning and returns False. `LADLE_NATIVE_KERNELS=0`
+turns the kernels off (`envconfig.native_kernels`).
+
+Once loaded, the operators are (all CPU, float32 in and out unless said):
+
+    torch.ops.ladle_kernels.decode_attention(q, keys, values, scale)
+        q [H, D], keys [KVH, L, D], values [KVH, L, Dv] (unit stride in the last dim) ->
+        [H, Dv]: softmax(q k * scale) v over all L positions, query head h on kv head
+        h // (H // KVH).
+    torch.ops.ladle_kernels.paged_decode_attention(
+            q, k, v, pool_k, pool_v, block_tables, lengths, block_size, scale)
+        One decode step of B sequences over a paged pool: writes k, v [B, KVH, D] at position
+        lengths[b] - 1 of pool_k, pool_v [KVH, num_slots, D] (slot = block * block_size +
+        offset, through block_tables int32 [B, max_blocks]; lengths int64 [B] counts the new
+        token), then returns [B, H, Dv]: each q [B, H, D] over its positions 0..lengths[b]-1.
+    torch.ops.ladle_kernels.half_linear(x, w)
+        x [N, K] float32 contiguous, w [M, K] float16 contiguous -> [N, M] = x @ w.float().T.
+
+They run on torch's intra-op threads (`torch.set_num_threads`), with results that do not
+depend on their number, and each has a fake kernel, so `torch.compile(fullgraph=True)` traces
+calls to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils import cpp_extension
+
+from ladle import envconfig
+
+logger = logging.getLogger(__name__)
+
+_SOURCES = ("decode_attention.cpp", "half_linear.cpp")
+_LIBRARY_NAME = "ladle_kernels.so"
+_COMPILER = "g++"
+# -fopenmp is left out on purpose: parallel work runs on torch's own pool (decode_attention.cpp).
+_FLAGS = (
+    "-O3",
+    "-march=native",
+    "-mprefer-vector-width=512",
+    "-fno-math-errno",
+    "-std=c++20",  # torch's headers require C++20 (cpp_extension builds with it too)
+    "-shared",
+    "-fPIC",
+)
+_BUILD_TIMEOUT_S = 600
+_ERROR_TAIL_CHARS = 2000
+
+
+@dataclass(slots=True)
+class _Library:
+    """The process's one load attempt: torch holds an operator namespace once per process."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    loaded: bool | None = None  # None until the first attempt ends
+
+
+_LIBRARY = _Library()
+
+
+def load() -> bool:
+    """Build (once per machine, cached on disk) and load the kernels; True when available.
+
+    Thread-safe and idempotent: the first call does the work, the others wait for it and share
+    its outcome. Returns False, after one logged warning naming the reason, when there is no
+    compiler or the build fails; False without building when `LADLE_NATIVE_KERNELS=0`.
+    """
+    if not envconfig.native_kernels():
+        return False
+    with _LIBRARY.lock:
+        if _LIBRARY.loaded is None:
+            _LIBRARY.loaded = _load()
+        return _LIBRARY.loaded
+
+
+def available() -> bool:
+    """Whether the kernels are loaded, so `torch.ops.ladle_kernels.*` can be called."""
+    return bool(_LIBRARY.loaded)
+
+
+def _load() -> bool:
+    path = _cache_dir() / _build_hash() / _LIBRARY_NAME
+    if not path.exists():
+        error = _build(path)
+        if error is not None:
+            logger.warning("native kernels disabled: %s", error)
+            return False
+    try:
+        torch.ops.load_library(str(path))
+    except OSError as exc:  # a library another process left unusable: delete it, rebuild next time
+        path.unlink(missing_ok=True)
+        logger.warning("native kernels disabled: cannot load %s: %s", path, exc)
+        return False
+    _register_fakes()
+    return True
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "ladle" / "kernels"
+
+
+def _source_dir() -> Path:
+    return Path(__file__).resolve().parent
+
+
+def _build_hash() -> str:
+    digest = hashlib.sha256()
+    for name in _SOURCES:
+        digest.update((_source_dir() / name).read_bytes())
+    for part in (torch.__version__, " ".join(_FLAGS), _cpu_flags()):
+        digest.update(part.encode())
+    return digest.hexdigest()[:16]
+
+
+def _cpu_flags() -> str:
+    """What `-march=native` depends on: the CPU's feature flags (its model name elsewhere)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):  # x86, then ARM
+            return line.partition(":")[2].strip()
+    return platform.machine()
+
+
+def _build(path: Path) -> str | None:
+    """Compile the library to `path`; None on success, else why it could not."""
+    compiler = shutil.which(_COMPILER)
+    if compiler is None:
+        return f"no {_COMPILER} on PATH to build them"
+    torch_lib = Path(torch.__file__).resolve().parent / "lib"
+    # a temporary name in the same folder, renamed when complete: a process building at the
+    # same time, or one that loads while this one builds, never sees a partial file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    command = [
+        compiler,
+        *_FLAGS,
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        *(f"-isystem{include}" for include in cpp_extension.include_paths()),
+        *(str(_source_dir() / name) for name in _SOURCES),
+        "-o",
+        str(tmp),
+        f"-L{torch_lib}",
+        "-lc10",
+        "-ltorch_cpu",
+        "-ltorch",
+        f"-Wl,-rpath,{torch_lib}",
+    ]
+    logger.info("building native kernels into %s (up to a minute, once)", path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
+        if result.returncode != 0:
+            return "the build failed:\n" + (result.stderr or result.stdout)[-_ERROR_TAIL_CHARS:]
+        os.replace(tmp, path)
+    except (OSError, subprocess.TimeoutExpired) as exc:  # an unwritable cache, a killed compiler
+        return f"the build failed: {exc}"
+    finally:
+        tmp.unlink(missing_ok=True)
+    return None
+
+
+def _register_fakes() -> None:
+    """Output shapes for tracing: `torch.compile` calls these instead of the kernels."""
+
+    @torch.library.register_fake("ladle_kernels::decode_attention")
+    def _(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+        return q.new_empty(q.shape[0], values.shape[-1])
+
+    @torch.library.register_fake("ladle_kernels::paged_decode_attention")
+    def _(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pool_k: torch.Tensor,
+        pool_v: torch.Tensor,
+        block_tables: torch.Tensor,
+        lengths: torch.Tensor,
+        block_size: int,
+        scale: float,
+    ) -> torch.Tensor:
+        return q.new_empty(q.shape[0], q.shape[1], pool_v.shape[-1])
+
+    @torch.library.register_fake("ladle_kernels::half_linear")
+    def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.shape[0])

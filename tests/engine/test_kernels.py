@@ -1,0 +1,228 @@
+"""The native kernels against torch references.
+
+Attention is compared with `scaled_dot_product_attention` in float32: only the order of the
+sums differs, so outputs (weighted means of unit-normal values) agree within 1e-5. `half_linear`
+is compared with `x @ w.float().T`: both accumulate K float32 products of size about 1, so the
+tolerance is 1e-4 times sqrt(K), the size of an output.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ladle.engine.kernels import native
+
+if not native.load():
+    pytest.skip(
+        "native kernels unavailable (no g++, a failed build, or LADLE_NATIVE_KERNELS=0)",
+        allow_module_level=True,
+    )
+
+ops = torch.ops.ladle_kernels
+
+
+def sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    # q [H, D], keys/values [KVH, L, D] -> [H, Dv]
+    out = F.scaled_dot_product_attention(
+        q[None, :, None], keys[None], values[None], scale=scale, enable_gqa=True
+    )
+    return out[0, :, 0]
+
+
+@pytest.mark.parametrize(
+    ("num_heads", "num_kv_heads", "head_dim", "length"),
+    [
+        (9, 3, 64, 650),  # SmolLM2's heads; several spans, the last one partial
+        (4, 1, 80, 1),
+        (8, 8, 128, 128),  # exactly one span
+        (14, 2, 64, 257),  # 7 query heads per kv head: a block of 4 and one of 3
+        (2, 2, 17, 300),  # a head dim that is no multiple of the vector width
+    ],
+)
+def test_decode_attention_matches_sdpa(
+    num_heads: int, num_kv_heads: int, head_dim: int, length: int
+) -> None:
+    torch.manual_seed(0)
+    q = torch.randn(num_heads, head_dim)
+    keys = torch.randn(num_kv_heads, length, head_dim)
+    values = torch.randn(num_kv_heads, length, head_dim)
+    scale = head_dim**-0.5
+    out = ops.decode_attention(q, keys, values, scale)
+    torch.testing.assert_close(out, sdpa(q, keys, values, scale), rtol=0, atol=1e-5)
+
+
+def test_decode_attention_reads_strided_views_of_a_pool() -> None:
+    torch.manual_seed(0)
+    pool_k, pool_v = torch.randn(3, 1000, 64), torch.randn(3, 1000, 64)
+    q = torch.randn(9, 64)
+    keys, values = pool_k[:, 100:431], pool_v[:, 100:431]  # rows of a bigger pool
+    out = ops.decode_attention(q, keys, values, 0.125)
+    torch.testing.assert_close(out, sdpa(q, keys.contiguous(), values.contiguous(), 0.125))
+    token_major = torch.randn(331, 3, 64)  # [L, KVH, D] seen as [KVH, L, D]
+    keys = values = token_major.transpose(0, 1)
+    out = ops.decode_attention(q, keys, values, 0.125)
+    expected = sdpa(q, keys.contiguous(), values.contiguous(), 0.125)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def test_decode_attention_is_stable_for_large_scores() -> None:
+    torch.manual_seed(0)
+    q, keys, values = torch.randn(4, 64) * 30, torch.randn(2, 400, 64), torch.randn(2, 400, 64)
+    out = ops.decode_attention(q, keys, values, 1.0)  # scores in the hundreds: exp overflows
+    expected = sdpa(q.double(), keys.double(), values.double(), 1.0).float()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
+
+
+def test_decode_attention_does_not_depend_on_the_thread_count() -> None:
+    torch.manual_seed(0)
+    q, keys, values = torch.randn(9, 64), torch.randn(3, 1000, 64), torch.randn(3, 1000, 64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = ops.decode_attention(q, keys, values, 0.125)
+        torch.set_num_threads(2)
+        parallel = ops.decode_attention(q, keys, values, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(serial, parallel)
+
+
+def test_paged_decode_attention_writes_new_slots_and_attends_through_block_tables() -> None:
+    torch.manual_seed(0)
+    num_heads, num_kv_heads, head_dim, block_size, num_blocks = 6, 2, 64, 16, 40
+    lengths = [1, 16, 300]  # new token: a fresh block, a block's last slot, a long sequence
+    blocks = torch.randperm(num_blocks).tolist()  # scattered, not ascending
+    tables = torch.zeros(3, 19, dtype=torch.int32)  # unused entries stay 0 (padding)
+    tables[0, :1] = torch.tensor(blocks[:1])
+    tables[1, :1] = torch.tensor(blocks[1:2])
+    tables[2, :19] = torch.tensor(blocks[2:21])
+    pool_k = torch.randn(num_kv_heads, num_blocks * block_size, head_dim)
+    pool_v = torch.randn(num_kv_heads, num_blocks * block_size, head_dim)
+    q = torch.randn(3, num_heads, head_dim)
+    k, v = torch.randn(3, num_kv_heads, head_dim), torch.randn(3, num_kv_heads, head_dim)
+
+    def slots(b: int) -> list[int]:
+        return [
+            int(tables[b, p // block_size]) * block_size + p % block_size for p in range(lengths[b])
+        ]
+
+    expected_k, expected_v = pool_k.clone(), pool_v.clone()
+    for b in range(3):
+        expected_k[:, slots(b)[-1]], expected_v[:, slots(b)[-1]] = k[b], v[b]
+    out = ops.paged_decode_attention(
+        q, k, v, pool_k, pool_v, tables, torch.tensor(lengths), block_size, 0.125
+    )
+    assert torch.equal(pool_k, expected_k) and torch.equal(pool_v, expected_v)
+    for b in range(3):
+        keys, values = expected_k[:, slots(b)], expected_v[:, slots(b)]
+        torch.testing.assert_close(out[b], sdpa(q[b], keys, values, 0.125), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_rows", [1, 3, 16])
+@pytest.mark.parametrize(("out_features", "in_features"), [(37, 72), (1000, 576), (5, 1100)])
+def test_half_linear_matches_float_matmul(
+    num_rows: int, out_features: int, in_features: int
+) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(num_rows, in_features)
+    w = torch.randn(out_features, in_features).half()
+    out = ops.half_linear(x, w)
+    expected = x @ w.float().T
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-4 * in_features**0.5)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: ops.half_linear(torch.randn(2, 8).double(), torch.randn(4, 8).half()), "x must"),
+        (lambda: ops.half_linear(torch.randn(2, 8), torch.randn(4, 8)), "w must be float16"),
+        (lambda: ops.half_linear(torch.randn(8, 2).T, torch.randn(4, 8).half()), "x must"),
+        (lambda: ops.half_linear(torch.randn(2, 8), torch.randn(4, 6).half()), "w has 6"),
+        (lambda: ops.decode_attention(torch.randn(4, 8).half(), *_kv(2, 8), 1.0), "q must"),
+        (
+            lambda: ops.decode_attention(torch.randn(4, 8), torch.randn(5, 8), *_kv(2, 8)[1:], 1.0),
+            "keys must",
+        ),
+        (lambda: ops.decode_attention(torch.randn(3, 8), *_kv(2, 8), 1.0), "kv heads"),
+        (lambda: _paged(tables=torch.zeros(1, 2, dtype=torch.int64)), "block_tables must"),
+        (lambda: _paged(lengths=torch.tensor([9])), "lengths[0] = 9"),
+        (lambda: _paged(tables=torch.tensor([[0, 99]], dtype=torch.int32)), "block_tables[0][1]"),
+    ],
+)
+def test_bad_inputs_raise_naming_the_argument(call: Callable[[], object], message: str) -> None:
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        call()
+
+
+def _kv(num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(num_kv_heads, 5, head_dim), torch.randn(num_kv_heads, 5, head_dim)
+
+
+def _paged(tables: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> object:
+    """A valid call (6 tokens, a 2-block table, a pool of 4 blocks of 4) but for one argument."""
+    tables = torch.tensor([[2, 0]], dtype=torch.int32) if tables is None else tables
+    lengths = torch.tensor([6]) if lengths is None else lengths
+    pool_k, pool_v = torch.zeros(1, 16, 8), torch.zeros(1, 16, 8)
+    q, k, v = torch.randn(1, 2, 8), torch.randn(1, 1, 8), torch.randn(1, 1, 8)
+    return ops.paged_decode_attention(q, k, v, pool_k, pool_v, tables, lengths, 4, 1.0)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports
+def test_compiled_graph_calls_the_ops_and_writes_the_pools_in_place() -> None:
+    torch.manual_seed(0)
+    pool_k, pool_v = torch.zeros(2, 64, 16), torch.zeros(2, 64, 16)
+    tables, lengths = torch.tensor([[3, 1, 0], [5, 2, 7]], dtype=torch.int32), torch.tensor([6, 9])
+    q, k, v = torch.randn(2, 4, 16), torch.randn(2, 2, 16), torch.randn(2, 2, 16)
+    w = torch.randn(8, 64).half()
+
+    def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = ops.paged_decode_attention(q, k, v, pool_k, pool_v, tables, lengths, 4, 0.25)
+        window = ops.decode_attention(q[0], pool_k[:, :5], pool_v[:, :5], 0.25)
+        return ops.half_linear(out.reshape(2, -1), w) + window.sum()
+
+    expected = step(q, k, v)
+    written_k, written_v = pool_k.clone(), pool_v.clone()
+    pool_k.zero_()
+    pool_v.zero_()
+    out = torch.compile(step, fullgraph=True)(q, k, v)
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(pool_k, written_k) and torch.equal(pool_v, written_v)
+
+
+def test_load_is_off_when_disabled_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LADLE_NATIVE_KERNELS", "0")
+    assert native.load() is False
+
+
+def test_a_missing_compiler_is_a_warning_not_an_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(native, "_cache_dir", lambda: tmp_path)  # nothing built there yet
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert native._load() is False
+    assert "no g++" in caplog.text
+
+
+def test_a_compile_error_is_a_warning_with_the_compiler_output(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ (the kernels came from the cache)")
+    for name in native._SOURCES:
+        (tmp_path / name).write_text("this is not C++\n")
+    monkeypatch.setattr(native, "_source_dir", lambda: tmp_path)
+    monkeypatch.setattr(native, "_cache_dir", lambda: tmp_path / "cache")
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert native._load() is False
+    assert "the build failed" in caplog.text and "this is not C++" in caplog.text
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # no partial file
