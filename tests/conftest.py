@@ -7,6 +7,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+# Models built by tests run eagerly unless a test asks for a compiled step (compiling takes a
+# minute; `tests/engine/test_step_compiler.py` covers it). Set before ladle reads it.
+os.environ.setdefault("LADLE_COMPILE", "0")
+
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 

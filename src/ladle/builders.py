@@ -15,6 +15,7 @@ from typing import Self
 
 import torch
 
+from ladle import envconfig
 from ladle.catalog import resolve
 from ladle.embedding_core import EmbeddingCore
 from ladle.engine.embedding_loader import LoadedEmbedder, load_embedder
@@ -56,6 +57,7 @@ class _Builder:
         self.num_threads: int | None = None
         self.isq: str | None = None
         self.imatrix: str | None = None
+        self.compile = envconfig.compile_models()
 
     def with_dtype(self, dtype: str | torch.dtype) -> Self:
         """Compute dtype: "auto" (float32 on CPU), "f32", "bf16" or "f16"."""
@@ -144,6 +146,12 @@ class _Builder:
                 "with_imatrix needs with_isq (the type to quantize to)", "imatrix"
             )
 
+    def with_compile(self, enabled: bool = True) -> Self:
+        """Compile the model's step with `torch.compile` in the background (default: on,
+        unless `LADLE_COMPILE=0`); the model serves eagerly until it is ready."""
+        self.compile = enabled
+        return self
+
     def with_logging(self) -> Self:
         logging.basicConfig(level=logging.INFO)
         return self
@@ -156,6 +164,7 @@ class _Builder:
             self.max_num_seqs,
             self.max_seq_len,
             self.kv_cache_tokens,
+            self.compile,
         )
 
     def _load(self) -> LoadedModel:

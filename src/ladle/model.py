@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel
 
 from ladle.embedding_core import EmbeddingCore, EmbeddingInput
-from ladle.engine.engine import RequestHandle
+from ladle.engine.engine import EngineStats, RequestHandle
 from ladle.engine.sampling import SamplingParams
 from ladle.engine.sequence import TokenEvent
 from ladle.errors import InvalidRequestError
@@ -256,6 +256,19 @@ class Model:
         handle = self._core.engine.submit(prompt, params, sink, continues_prompt=continues_prompt)
         yield from _drain(handle, params.n, sink.queue.get)
 
+    # ---- the engine
+
+    def engine_stats(self) -> EngineStats | None:
+        """Sequences running and waiting, KV blocks in use, preemptions, the compiled step
+        (None for an embedding model)."""
+        core = self._any_core
+        return core.engine.stats() if isinstance(core, ModelCore) else None
+
+    def wait_until_compiled(self, timeout: float | None = None) -> bool:
+        """Block until the compiled step serves (True), or it failed or is off (False)."""
+        compiler = self._core.engine.compiler
+        return compiler is not None and compiler.wait(timeout)
+
     # ---- in-place quantization (ISQ)
 
     def re_isq_model(self, ggml_type: str | int, model_id: str | None = None) -> str:
@@ -455,6 +468,17 @@ class AsyncModel:
                 handle.abort()
 
     # ---- in-place quantization (ISQ): `Model`'s methods, run off the event loop
+
+    def engine_stats(self) -> EngineStats | None:
+        """Sequences running and waiting, KV blocks in use, preemptions, the compiled step
+        (None for an embedding model)."""
+        core = self._any_core
+        return core.engine.stats() if isinstance(core, ModelCore) else None
+
+    async def wait_until_compiled(self, timeout: float | None = None) -> bool:
+        """Wait until the compiled step serves (True), or it failed or is off (False)."""
+        compiler = self._core.engine.compiler
+        return compiler is not None and await asyncio.to_thread(compiler.wait, timeout)
 
     async def re_isq_model(self, ggml_type: str | int, model_id: str | None = None) -> str:
         core = self._core

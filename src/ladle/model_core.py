@@ -130,6 +130,7 @@ class ModelCore:
         max_num_seqs: int,
         max_seq_len: int | None,
         kv_cache_tokens: int | None = None,
+        compile: bool = False,
     ) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
@@ -140,7 +141,11 @@ class ModelCore:
             loaded.model,
             loaded.tokenizer,
             EngineConfig(
-                self.max_seq_len, loaded.dtype, max_num_seqs, kv_cache_tokens=kv_cache_tokens
+                self.max_seq_len,
+                loaded.dtype,
+                max_num_seqs,
+                kv_cache_tokens=kv_cache_tokens,
+                compile=compile,
             ),
         )
         self.max_seq_len = self.engine.config.max_seq_len  # a KV budget below it caps it
@@ -155,10 +160,11 @@ class ModelCore:
         max_num_seqs: int,
         max_seq_len: int | None,
         kv_cache_tokens: int | None = None,
+        compile: bool = False,
     ) -> ModelCore:
         """Load the model on a new thread, which then runs its engine; wait until loaded."""
         return start_on_own_thread(
-            lambda: cls(load(), model_id, max_num_seqs, max_seq_len, kv_cache_tokens),
+            lambda: cls(load(), model_id, max_num_seqs, max_seq_len, kv_cache_tokens, compile),
             lambda core: core.engine.serve(),
             f"ladle-engine[{model_id}]",
         )

@@ -201,10 +201,10 @@ def chat_ids(loaded: LoadedModel, text: str) -> list[int]:
     return loaded.tokenizer.encode(rendered, add_special_tokens=False)
 
 
-def test_batched_greedy_equals_single(smollm2: LoadedModel, engine_factory) -> None:
-    engine = engine_factory()
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
-    prompts = [chat_ids(smollm2, p) for p in PROMPTS]
+def alone_and_together(
+    engine: LLMEngine, prompts: list[list[int]], params: SamplingParams
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Each prompt's tokens run one at a time, then all submitted at once."""
     alone = []
     for ids in prompts:
         sink = Collect()
@@ -213,7 +213,13 @@ def test_batched_greedy_equals_single(smollm2: LoadedModel, engine_factory) -> N
     sinks = [Collect() for _ in prompts]
     for ids, sink in zip(prompts, sinks, strict=True):
         engine.submit(ids, params, sink)
-    together = [sink.tokens()[0] for sink in sinks]
+    return alone, [sink.tokens()[0] for sink in sinks]
+
+
+def test_batched_greedy_equals_single(smollm2: LoadedModel, engine_factory) -> None:
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    prompts = [chat_ids(smollm2, p) for p in PROMPTS]
+    alone, together = alone_and_together(engine_factory(), prompts, params)
     assert together == alone
 
 

@@ -192,6 +192,9 @@ def test_metrics_count_requests_tokens_and_latency(http: httpx.Client) -> None:
     assert 'ladle_request_duration_seconds_bucket{route="/v1/models",le="+Inf"}' in text
     assert "ladle_loaded_models 1" in text
     assert f'ladle_model_load_seconds_count{{model="{MODEL}"}} 1' in text
+    assert re.search(rf'ladle_kv_cache_blocks\{{model="{MODEL}"\}} [1-9]', text)
+    assert f'ladle_sequences_waiting{{model="{MODEL}"}} 0' in text
+    assert f'ladle_model_compiled{{model="{MODEL}"}} 0' in text  # the tests run eagerly
 
 
 def _in_flight(http: httpx.Client) -> int:

@@ -43,7 +43,7 @@ def _perplexity(args: argparse.Namespace) -> int:
         path = download_with_bar(
             Catalog.load().get(args.model, cached_ids=cache.cached_ids()), cache
         )
-    builder = TextModelBuilder(path)
+    builder = TextModelBuilder(path).with_compile(False)  # scoring runs the eager forward
     if args.threads:
         builder.with_num_threads(args.threads)
     if args.isq:

@@ -50,6 +50,9 @@ def _run(args: argparse.Namespace) -> int:
     builder = TextModelBuilder(path)
     if args.threads:
         builder.with_num_threads(args.threads)
+    interactive = args.prompt is None and sys.stdin.isatty()
+    if not interactive:  # one answer is over before a compiled step would be ready
+        builder.with_compile(False)
     model = builder.build()
     if sys.stderr.isatty():
         print(f"loaded {path.name} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
@@ -60,7 +63,7 @@ def _run(args: argparse.Namespace) -> int:
             "max_tokens": args.max_tokens,
             "seed": args.seed,
         }
-        if args.prompt is None and sys.stdin.isatty():
+        if interactive:
             return _interactive(model, args.system, sampling)
         prompt = args.prompt if args.prompt is not None else sys.stdin.read()
         if args.raw:

@@ -66,7 +66,5 @@ class Embedder:
             return model(input_ids, mask)
         hidden = torch.zeros(*input_ids.shape, self.dim, dtype=self.dtype)
         for row, length in enumerate(lengths.tolist()):
-            cache = model.new_cache(self.dtype, capacity=length)
-            states = model.model(input_ids[row, :length], torch.arange(length), cache)
-            hidden[row, :length] = model.model.norm(states)
+            hidden[row, :length] = model.hidden_states(input_ids[row, :length], self.dtype)
         return hidden

@@ -27,6 +27,7 @@ from ladle.engine.models.base import CausalLM
 from ladle.engine.sampling import SamplingParams
 from ladle.engine.scheduler import ScheduledSequence, Scheduler, SchedulerConfig
 from ladle.engine.sequence import Sequence, SequenceStatus, Sink
+from ladle.engine.step_compiler import StepCompiler
 from ladle.errors import ContextLengthError, EngineClosedError
 
 logger = logging.getLogger(__name__)
@@ -42,12 +43,25 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # tokens per step; long prompts are prefilled in chunks
     kv_cache_tokens: int | None = None  # KV budget shared by all sequences (max_seq_len)
     block_size: int = 16
+    compile: bool = False  # compile the step in the background (`step_compiler.py`)
 
     def __post_init__(self) -> None:
         tokens = self.kv_cache_tokens or self.max_seq_len
         self.kv_cache_tokens = -(-tokens // self.block_size) * self.block_size
         # one sequence must fit in the budget on its own, or it could never finish
         self.max_seq_len = min(self.max_seq_len, self.kv_cache_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot of the engine's load, for metrics (read without a lock: counts may lag)."""
+
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks: int
+    preemptions: int
+    compile_status: str  # "off", "compiling", "ready", "stale", "stopped" or "failed: ..."
 
 
 class RequestHandle:
@@ -76,6 +90,9 @@ class LLMEngine:
         self.runner = ModelRunner(
             model, model.new_paged_cache(num_blocks, config.block_size, config.dtype)
         )
+        self.compiler: StepCompiler | None = None
+        if config.compile:
+            self.compiler = StepCompiler(model, config.dtype, self.runner.cache)
         self._new: deque[RequestHandle] = deque()
         self._jobs: deque[tuple[Future[Any], Callable[[], Any]]] = deque()
         self._aborted: list[Sequence] = []
@@ -90,6 +107,8 @@ class LLMEngine:
         arranges it): all of a model's torch work then happens on one thread.
         """
         self._thread = threading.current_thread()
+        if self.compiler is not None:
+            self.compiler.start()  # eager until the compiled step is ready
         self._loop()
 
     # ------------------------------------------------------------ public, any thread
@@ -149,6 +168,17 @@ class LLMEngine:
             param="messages",
         )
 
+    def stats(self) -> EngineStats:
+        blocks = self.blocks
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting) + len(self._new),
+            kv_blocks_used=blocks.num_blocks - blocks.num_free,
+            kv_blocks=blocks.num_blocks,
+            preemptions=self.scheduler.num_preemptions,
+            compile_status="off" if self.compiler is None else self.compiler.status,
+        )
+
     def run(self, fn: Callable[[], T]) -> Future[T]:
         """Run `fn` on the engine thread (between steps), for direct model access."""
         future: Future[T] = Future()
@@ -165,6 +195,8 @@ class LLMEngine:
             self._cv.notify()
 
     def close(self) -> None:
+        if self.compiler is not None:
+            self.compiler.stop()
         with self._cv:
             self._closed = True
             self._cv.notify()

@@ -28,6 +28,16 @@ class AttentionCache(Protocol):
         """Keep `k`, `v` (`[T, num_kv_heads, head_dim]`) and return every sequence's segment."""
         ...
 
+    def decode(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor | None:
+        """Store and attend in one fused kernel call, `[T, H * D]`, or None when it has none.
+
+        Asked first for layers with neither a sliding window nor a soft-cap; on None,
+        attention falls back to `store` and its own math.
+        """
+        ...
+
     def max_length(self, num_tokens: int) -> int:
         """The longest sequence, cached tokens included, once this forward's tokens are in."""
         ...
@@ -49,8 +59,10 @@ class KVCache:
         capacity: int = 256,
         device: torch.device | str = "cpu",
         v_head_dim: int | None = None,
+        use_kernels: bool = False,
     ) -> None:
         self.num_layers = num_layers
+        self.use_kernels = use_kernels  # decode through `ladle_kernels.decode_attention`
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.v_head_dim = v_head_dim or head_dim
@@ -83,6 +95,15 @@ class KVCache:
         self.v[layer_idx][:, self.length : end] = v.transpose(0, 1)
         keys, values = self.k[layer_idx][:, :end], self.v[layer_idx][:, :end]
         return [Segment(slice(0, num_tokens), keys, values, self.length)]
+
+    def decode(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor | None:
+        if not self.use_kernels or q.shape[0] != 1 or q.dtype != torch.float32:
+            return None
+        ((_, keys, values, _),) = self.store(layer_idx, k, v)
+        out = torch.ops.ladle_kernels.decode_attention(q[0], keys, values, scale)
+        return out.view(1, -1)
 
     def max_length(self, num_tokens: int) -> int:
         return self.length + num_tokens

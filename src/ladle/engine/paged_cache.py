@@ -5,6 +5,10 @@ is `block * block_size + offset` and a sequence whose blocks form one ascending 
 keys as a slice of the pool (a view: no copy). A sequence whose blocks are scattered (a shared
 prefix followed by its own blocks) gathers them, which costs about as much as the attention
 itself on a CPU; the block manager places blocks to keep runs whole.
+
+A step in which every sequence decodes one token can skip both the gather and the per-sequence
+calls: when native kernels are on (`use_kernels`, set by `StepCompiler`), one call per layer
+writes every new key and value through the block tables and attends all sequences at once.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class PagedKVCache:
         v_head_dim: int | None = None,
     ) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.use_kernels = False  # `ladle_kernels.paged_decode_attention` for decode steps
         slots, v_dim = num_blocks * block_size, v_head_dim or head_dim
         # torch.empty maps the pool lazily: memory is touched only as blocks are written.
         layers = range(num_layers)
@@ -51,13 +56,26 @@ class SequenceSlots:
     read: slice | torch.Tensor  # slots of its `start + num_rows` keys: a run, or gathered
 
 
+@dataclass(slots=True)
+class DecodeTables:
+    """A decode step's sequences as the paged kernel reads them."""
+
+    block_tables: torch.Tensor  # int32 [B, max blocks], padded with 0
+    lengths: torch.Tensor  # int64 [B], tokens of each sequence with the new one
+
+
 class KVBatch:
     """The `AttentionCache` of one engine step: a flat batch of tokens over the paged pool."""
 
     def __init__(
-        self, cache: PagedKVCache, write: slice | torch.Tensor, sequences: list[SequenceSlots]
+        self,
+        cache: PagedKVCache,
+        write: slice | torch.Tensor,
+        sequences: list[SequenceSlots],
+        tables: DecodeTables | None = None,
     ) -> None:
         self.cache = cache
+        self.tables = tables  # only for a step of single-token sequences, with kernels on
         self.write = write  # the slots of the new tokens, in batch order (a slice when a run)
         self.sequences = sequences
         self._max_length = max(s.start + s.rows.stop - s.rows.start for s in sequences)
@@ -69,6 +87,24 @@ class KVBatch:
         return [
             Segment(s.rows, pool_k[:, s.read], pool_v[:, s.read], s.start) for s in self.sequences
         ]
+
+    def decode(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor | None:
+        if self.tables is None:
+            return None
+        out = torch.ops.ladle_kernels.paged_decode_attention(
+            q,
+            k,
+            v,
+            self.cache.k[layer_idx],
+            self.cache.v[layer_idx],
+            self.tables.block_tables,
+            self.tables.lengths,
+            self.cache.block_size,
+            scale,
+        )
+        return out.view(q.shape[0], -1)
 
     def max_length(self, num_tokens: int) -> int:
         return self._max_length

@@ -173,7 +173,10 @@ class ModelPool:
         return list(self._loaded.values())
 
     def stats(self) -> list[LoadedModelStats]:
-        return [LoadedModelStats(r.model_id, r.size_bytes, r.active) for r in self.residents()]
+        return [
+            LoadedModelStats(r.model_id, r.size_bytes, r.active, r.model.engine_stats())
+            for r in self.residents()
+        ]
 
     # ---- requests
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ladle.engine.engine import EngineStats
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LOAD_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -56,6 +58,7 @@ class LoadedModelStats:
     model_id: str
     size_bytes: int
     requests_in_flight: int
+    engine: EngineStats | None = None  # text models only
 
 
 class Metrics:
@@ -112,6 +115,21 @@ class Metrics:
         out.extend(f"ladle_loaded_model_bytes{_model(s)} {s.size_bytes}" for s in loaded)
         _family(out, "ladle_requests_in_flight", "gauge", "Requests running on a loaded model.")
         out.extend(f"ladle_requests_in_flight{_model(s)} {s.requests_in_flight}" for s in loaded)
+        engines = [(s, s.engine) for s in loaded if s.engine is not None]
+        for name, kind, text, value in (
+            ("ladle_sequences_running", "gauge", "Sequences in the running batch.", "running"),
+            ("ladle_sequences_waiting", "gauge", "Sequences queued for the batch.", "waiting"),
+            ("ladle_kv_cache_blocks_used", "gauge", "KV blocks held.", "kv_blocks_used"),
+            ("ladle_kv_cache_blocks", "gauge", "KV blocks in the budget.", "kv_blocks"),
+            ("ladle_preemptions_total", "counter", "Sequences preempted.", "preemptions"),
+        ):
+            _family(out, name, kind, text)
+            out.extend(f"{name}{_model(s)} {getattr(e, value)}" for s, e in engines)
+        _family(out, "ladle_model_compiled", "gauge", "1 once the compiled step serves.")
+        out.extend(
+            f"ladle_model_compiled{_model(s)} {int(e.compile_status == 'ready')}"
+            for s, e in engines
+        )
         return "\n".join(out) + "\n"
 
 

@@ -26,6 +26,13 @@ prefill is slow on this CPU (use BF16 for speed).
 
 While `calibration` is set, every forward adds its inputs' squared values per input channel
 (the importance matrix of `quant/calibration.py`); otherwise it costs one `is None` check.
+
+A compiled step (`step_compiler.py`) bakes in which kernel each layer calls, without guards
+on the layers: every change of a layer's weight or calibration bumps `weights_generation()`,
+and the compiled step is retired when it moves. With `use_kernels` (set by the step compiler
+once the native kernels load), an fp16 weight meets fp32 activations in `half_linear`, which
+widens the weight in registers and rounds nothing to fp16. SmolLM2's head, against fp16
+`F.linear`: 1 row 1.5-2.3 ms vs 1.8-2.3; 16 rows 7.5 vs 24.8; 512 rows 240 vs 772.
 """
 
 from __future__ import annotations
@@ -50,6 +57,19 @@ from ladle.engine.quant.isq import LayerIsq
 from ladle.errors import ModelLoadError
 
 LinearWeight = torch.Tensor | GGMLTensor | HQQWeight
+_generation = 0
+
+
+def weights_generation() -> int:
+    """A number that changes whenever any `Linear` changes its weight or calibration."""
+    return _generation
+
+
+def _bump_generation() -> None:
+    global _generation
+    _generation += 1
+
+
 _KEPT_DTYPES = {
     GGMLQuantizationType.F16: torch.float16,
     GGMLQuantizationType.BF16: torch.bfloat16,
@@ -75,7 +95,8 @@ class Linear(nn.Module):
         self.int8: Int8Weight | None = None
         self.bias: torch.Tensor | None = None
         self.has_bias = bias
-        self.calibration: ActivationStats | None = None
+        self._calibration: ActivationStats | None = None
+        self.use_kernels = False
         self.isq: LayerIsq | None = None  # set before loading: quantize the weight as it comes
 
     def load_weight(
@@ -94,6 +115,7 @@ class Linear(nn.Module):
             )
         if self.isq is not None:
             weight = self.isq.quantize(weight, getattr(weight, "name", "weight"))
+        _bump_generation()
         self.weight, self.int4, self.int8 = None, None, None
         if isinstance(weight, GGMLTensor) and can_pack_int4(weight):
             self.int4 = pack_int4(weight)
@@ -112,6 +134,15 @@ class Linear(nn.Module):
             self._load_dense(weight, dtype)
         if bias is not None:
             self.bias = nn.Parameter(bias.to(dtype).contiguous(), requires_grad=False)
+
+    @property
+    def calibration(self) -> ActivationStats | None:
+        return self._calibration
+
+    @calibration.setter
+    def calibration(self, stats: ActivationStats | None) -> None:
+        _bump_generation()
+        self._calibration = stats
 
     def _fits_int4(self) -> bool:
         return fits_int4_kernel(self.out_features) and not self._dense_only()
@@ -137,11 +168,15 @@ class Linear(nn.Module):
             assert w is not None, "Linear used before load_weight"
             if w.dtype == x.dtype:
                 return F.linear(x, w, self.bias)
-            y = F.linear(x.to(w.dtype), w).to(x.dtype)
+            if self.use_kernels and w.dtype == torch.float16 and x.dtype == torch.float32:
+                y = torch.ops.ladle_kernels.half_linear(x.contiguous(), w)
+            else:
+                y = F.linear(x.to(w.dtype), w).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def take_weights(self, other: Linear) -> None:
         """Adopt `other`'s weight in whatever form it holds (a re-quantized copy of this one)."""
+        _bump_generation()
         self.weight, self.int4, self.int8 = other.weight, other.int4, other.int8
         self.bias, self.isq = other.bias, other.isq
 

@@ -150,13 +150,14 @@ class RotaryEmbedding(nn.Module):
 
     def _build(self, num_positions: int, dtype: torch.dtype, device: torch.device) -> None:
         positions = torch.arange(num_positions, dtype=torch.float32)
-        self.tables = []
+        tables = []  # filled, then swapped in whole: the step compiler's thread reads them too
         for inv_freq in self.inv_freq:
             freqs = torch.outer(positions, inv_freq)  # [positions, dim / 2], as transformers
             cos = (freqs.cos() * self.attention_scaling).to(dtype=dtype, device=device)
             sin = (freqs.sin() * self.attention_scaling).to(dtype=dtype, device=device)
             # laid out for `apply_rotary`'s one multiply-add over both halves
-            self.tables.append((torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)))
+            tables.append((torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)))
+        self.tables = tables
 
     def forward(
         self, positions: torch.Tensor, seq_len: int, dtype: torch.dtype
@@ -165,12 +166,14 @@ class RotaryEmbedding(nn.Module):
 
         Both halves of cos hold cos, and sin holds `-sin` then `sin`: see `apply_rotary`.
         """
-        table_len = self.tables[0][0].shape[0] if self.tables else 0
-        if seq_len > table_len or self.tables[0][0].dtype != dtype:
+        tables = self.tables
+        table_len = tables[0][0].shape[0] if tables else 0
+        if seq_len > table_len or tables[0][0].dtype != dtype:
             size = max(seq_len, 2 * table_len, _INITIAL_POSITIONS)
             self._build(size, dtype, positions.device)
+            tables = self.tables
         is_long = self.long_after is not None and seq_len > self.long_after
-        cos, sin = self.tables[1 if is_long else 0]
+        cos, sin = tables[1 if is_long else 0]
         return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
 
 

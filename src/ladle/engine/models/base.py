@@ -10,13 +10,14 @@ fused 4-bit projection stays 4-bit.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ladle.engine.kv_cache import AttentionCache, KVCache
+from ladle.engine.layers.attention import attention_cache
 from ladle.engine.layers.embedding import tie_lm_head
 from ladle.engine.layers.linear import Linear
 from ladle.engine.loading.config import ModelConfig
@@ -25,6 +26,8 @@ from ladle.engine.quant.ggml import GGMLTensor
 from ladle.errors import ModelLoadError
 
 Weight = torch.Tensor | GGMLTensor
+Rope = tuple[torch.Tensor, ...]  # the cos/sin tables of a forward's positions, per RoPE kind
+Step = Callable[[torch.Tensor, Rope, torch.Tensor | None], torch.Tensor]
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 
 
@@ -115,12 +118,19 @@ class CausalLM(CheckpointModule):
     """A decoder-only language model over a flat batch of tokens and their KV cache.
 
     Subclasses are named `<Arch>ForCausalLM`, take their `ModelConfig` in `__init__`, and name
-    submodules as the checkpoint does (`model.embed_tokens`, `lm_head`, ...).
+    submodules as the checkpoint does (`model.embed_tokens`, `lm_head`, ...). Their `model`
+    has `rope(positions, seq_len)` and `forward(input_ids, rope)`.
+
+    A forward is split in two: the host side (RoPE tables, which cache attention uses, its
+    bookkeeping) and `logits`, a pure function of tensors that `torch.compile` can take whole.
+    `StepCompiler` installs the compiled version as `step`.
     """
 
     config: ModelConfig
     model: nn.Module  # embeddings, decoder layers and `norm`; returns hidden states
     lm_head: Linear
+    step: Step | None = None
+    use_kernels = False  # the native kernels are loaded: caches made here use them too
 
     def forward(
         self,
@@ -129,18 +139,44 @@ class CausalLM(CheckpointModule):
         cache: AttentionCache,  # a `KVCache` for one sequence, a `KVBatch` in the engine
         logits_indices: torch.Tensor | None = None,  # rows of T to compute logits for
     ) -> torch.Tensor:  # [len(logits_indices) or T, vocab_size] float32
-        hidden = self.model(input_ids, positions, cache)
+        num_tokens = input_ids.shape[0]
+        rope = self.model.rope(positions, cache.max_length(num_tokens))
+        with attention_cache(cache):
+            logits = (self.step or self.logits)(input_ids, rope, logits_indices)
+        cache.advance(num_tokens)
+        return logits
+
+    def logits(
+        self, input_ids: torch.Tensor, rope: Rope, logits_indices: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The forward's tensor work; attention reads the cache set by `attention_cache`."""
+        hidden = self.model(input_ids, rope)
         if logits_indices is not None:
             hidden = hidden[logits_indices]  # the head is the costliest matmul: skip unused rows
         logits = self.lm_head(self.model.norm(hidden)).float()
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
+    @torch.inference_mode()
+    def hidden_states(self, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Final-normed hidden states `[T, hidden_size]` of one whole sequence (embeddings)."""
+        num_tokens = input_ids.shape[0]
+        rope = self.model.rope(torch.arange(num_tokens), num_tokens)
+        with attention_cache(self.new_cache(dtype, capacity=num_tokens)):
+            return self.model.norm(self.model(input_ids, rope))
+
     def new_cache(self, dtype: torch.dtype, capacity: int = 256) -> KVCache:
         """A cache for running one sequence on its own (the engine uses its paged pool)."""
         c = self.config
         assert c.num_key_value_heads is not None and c.head_dim is not None
-        return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, dtype, capacity)
+        return KVCache(
+            c.num_hidden_layers,
+            c.num_key_value_heads,
+            c.head_dim,
+            dtype,
+            capacity,
+            use_kernels=self.use_kernels,
+        )
 
     def new_paged_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype) -> PagedKVCache:
         c = self.config

@@ -15,13 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ladle.engine.kv_cache import AttentionCache
 from ladle.engine.layers.attention import Attention
 from ladle.engine.layers.embedding import Embedding, LMHead
 from ladle.engine.layers.norm import RMSNorm
 from ladle.engine.layers.rotary import RotaryEmbedding
 from ladle.engine.loading.config import ModelConfig
-from ladle.engine.models.base import CausalLM
+from ladle.engine.models.base import CausalLM, Rope
 from ladle.engine.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 
 _LOCAL_ROPE_BASE = 10_000.0  # transformers' Gemma 3 default when a config omits it
@@ -73,10 +72,8 @@ class GemmaDecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(size, eps, unit_offset=True)
             self.post_feedforward_layernorm = RMSNorm(size, eps, unit_offset=True)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: AttentionCache
-    ) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x), cos, sin)
         if self.pre_feedforward_layernorm is None or self.post_feedforward_layernorm is None:
             x = x + attn
             return x + self.mlp(self.post_attention_layernorm(x))
@@ -109,21 +106,22 @@ class GemmaModel(nn.Module):
             )
         self.is_sliding = [t == "sliding_attention" for t in config.layer_types]
 
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: AttentionCache
-    ) -> torch.Tensor:  # [T, hidden_size], before the final norm
+    def rope(self, positions: torch.Tensor, seq_len: int) -> Rope:
+        """Global cos and sin, then the sliding layers' own (the same when they share)."""
+        dtype = self.embed_tokens.dtype
+        rope = self.rotary_emb(positions, seq_len, dtype)
+        if self.rotary_emb_local is None:
+            return rope + rope
+        return rope + self.rotary_emb_local(positions, seq_len, dtype)
+
+    def forward(self, input_ids: torch.Tensor, rope: Rope) -> torch.Tensor:
+        # [T, hidden_size], before the final norm
         x = self.embed_tokens(input_ids)
         # The scale is rounded to the compute dtype first, as transformers does (55.5 in bf16).
         x = x * torch.tensor(self.normalizer, dtype=x.dtype)
-        num_tokens = input_ids.shape[0]
-        seq_len = cache.max_length(num_tokens)
-        rope = self.rotary_emb(positions, seq_len, x.dtype)
-        local = rope
-        if self.rotary_emb_local is not None:
-            local = self.rotary_emb_local(positions, seq_len, x.dtype)
+        global_rope, local_rope = rope[:2], rope[2:]
         for layer, is_sliding in zip(self.layers, self.is_sliding, strict=True):
-            x = layer(x, *(local if is_sliding else rope), cache)
-        cache.advance(num_tokens)
+            x = layer(x, *(local_rope if is_sliding else global_rope))
         return x
 
 

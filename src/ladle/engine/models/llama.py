@@ -11,7 +11,6 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ladle.engine.kv_cache import AttentionCache
 from ladle.engine.layers.activation import gated_activation
 from ladle.engine.layers.attention import Attention
 from ladle.engine.layers.embedding import Embedding, LMHead
@@ -19,7 +18,7 @@ from ladle.engine.layers.linear import Linear
 from ladle.engine.layers.norm import RMSNorm
 from ladle.engine.layers.rotary import RotaryEmbedding, apply_rotary
 from ladle.engine.loading.config import ModelConfig
-from ladle.engine.models.base import CausalLM
+from ladle.engine.models.base import CausalLM, Rope
 
 
 class LlamaAttention(nn.Module):
@@ -49,9 +48,7 @@ class LlamaAttention(nn.Module):
             sliding_window=config.sliding_window if is_sliding else None,
         )
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: AttentionCache
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
         qk_size = self.q_size + self.kv_size
@@ -65,7 +62,7 @@ class LlamaAttention(nn.Module):
             q = self.q_norm(qkv[:, : self.q_size].view(num_tokens, self.num_heads, -1))
             k = self.k_norm(qkv[:, self.q_size : qk_size].view(num_tokens, self.num_kv_heads, -1))
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o_proj(self.attn(q, k, v, cache))
+        return self.o_proj(self.attn(q, k, v))
 
 
 class LlamaMLP(nn.Module):
@@ -89,10 +86,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: AttentionCache
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -113,15 +108,15 @@ class LlamaModel(nn.Module):
             config.max_position_embeddings,
         )
 
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: AttentionCache
-    ) -> torch.Tensor:  # [T, hidden_size], before the final norm
+    def rope(self, positions: torch.Tensor, seq_len: int) -> Rope:
+        return self.rotary_emb(positions, seq_len, self.embed_tokens.dtype)
+
+    def forward(self, input_ids: torch.Tensor, rope: Rope) -> torch.Tensor:
+        # [T, hidden_size], before the final norm
         x = self.embed_tokens(input_ids)
-        num_tokens = input_ids.shape[0]
-        cos, sin = self.rotary_emb(positions, cache.max_length(num_tokens), x.dtype)
+        cos, sin = rope
         for layer in self.layers:
-            x = layer(x, cos, sin, cache)
-        cache.advance(num_tokens)
+            x = layer(x, cos, sin)
         return x
 
 
