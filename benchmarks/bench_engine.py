@@ -27,6 +27,9 @@ PROMPT_WORDS = (
 DECODE_TOKENS = 128
 
 
+COMPILE_TIMEOUT = 900  # seconds; compiling SmolLM2 takes one to three minutes here
+
+
 def prompt_text() -> str:
     return PROMPT_WORDS * 18  # about 600 tokens with SmolLM2's tokenizer
 
@@ -56,6 +59,7 @@ def run_ladle(model: str, threads: int) -> dict[str, float]:
 
     torch.set_num_threads(threads)
     m = TextModelBuilder(model).build()
+    m.wait_until_compiled(COMPILE_TIMEOUT)  # measured as served once compiled (LADLE_COMPILE)
     ids = m.tokenize(prompt_text())
     request = {"prompt": ids, "max_tokens": DECODE_TOKENS, "temperature": 0.0}
     # warm-up on the prompt reversed: the same shapes, but nothing for the prefix cache to reuse

@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import socket
 import statistics
 import subprocess
@@ -42,6 +43,7 @@ from ladle.catalog import DEFAULT_CHAT_MODEL, resolve
 from ladle.engine.loading.gguf import read_gguf
 
 KV_BUDGET_TOKENS = 4096
+COMPILE_TIMEOUT = 900  # seconds
 LADLE_KV_BUDGET_FLAG = "--kv-cache-tokens"  # `ladle serve`'s KV budget, in tokens
 
 MODEL_ALIAS = "bench"
@@ -302,6 +304,18 @@ def running(server: Server, log: Path) -> Iterator[int]:
             proc.wait()
 
 
+def wait_until_compiled(base_url: str) -> None:
+    """ladle compiles its step in the background: measure it once that serves (a minute or
+    three; /metrics says when)."""
+    deadline = time.monotonic() + COMPILE_TIMEOUT
+    while time.monotonic() < deadline:
+        text = httpx.get(base_url + "/metrics", timeout=5.0).text
+        if re.search(r"^ladle_model_compiled\{.*\} 1$", text, re.MULTILINE):
+            return
+        time.sleep(1.0)
+    raise RuntimeError(f"ladle did not finish compiling in {COMPILE_TIMEOUT} s")
+
+
 def is_ready(url: str) -> bool:
     try:
         return httpx.get(url, timeout=2.0).status_code == 200
@@ -318,6 +332,8 @@ def measure(server: Server, log: Path, args: argparse.Namespace) -> dict[str, fl
     with running(server, log) as pid:
         print(f"measuring {server.name} ...", file=sys.stderr)
         stream(base_url, chat([{"role": "user", "content": "Hello."}], 8, bias))  # load, warm up
+        if server.name == "ladle":
+            wait_until_compiled(base_url)
         start, (machine, ours) = time.perf_counter(), cpu_ticks(pid)
         for n in STREAM_COUNTS:
             figures[f"decode_{n}"] = decode_rate(base_url, n, max_tokens, bias)
