@@ -95,9 +95,9 @@ def test_a_chunk_of_many_tokens_and_rows_runs_compiled(
 ) -> None:
     """The dynamic graphs cover sizes never seen while warming up."""
     model = small.model
-    with torch.inference_mode():  # as the engine makes them: guards check the tensors' mode
-        ids = torch.tensor(chat_ids(small, PROMPTS[1]) * 3)
-        rows = torch.tensor([0, 7, len(ids) - 1])
+    ids = torch.tensor(chat_ids(small, PROMPTS[1]) * 3)  # not inference tensors: copied in
+    rows = torch.tensor([0, 7, len(ids) - 1])
+    with torch.inference_mode():
         out: list[torch.Tensor] = []
 
         def run() -> None:

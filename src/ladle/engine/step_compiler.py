@@ -172,7 +172,14 @@ class CompiledStep:
     ) -> torch.Tensor:
         generation = weights_generation()
         if generation == self.generation:
-            return self.run_compiled(input_ids, rope, logits_indices)
+            with torch.inference_mode():  # the graphs were traced on inference tensors
+                if not input_ids.is_inference():  # (the engine's are: this is for others)
+                    input_ids = input_ids.clone()
+                    copies: dict[int, torch.Tensor] = {}  # a table passed twice stays one
+                    rope = tuple(copies.setdefault(id(t), t.clone()) for t in rope)
+                    if logits_indices is not None:
+                        logits_indices = logits_indices.clone()
+                return self.run_compiled(input_ids, rope, logits_indices)
         if generation != self.seen_generation:  # once per change, not on every step
             self.seen_generation = generation
             self.compiler.on_stale()

@@ -32,6 +32,7 @@ from ladle.engine.loading.gguf import read_gguf
 from ladle.engine.loading.weights import gguf_weights, safetensors_weights
 from ladle.engine.models import ARCHITECTURES
 from ladle.engine.models.base import CausalLM
+from ladle.engine.step_compiler import StepCompiler
 
 TOLERANCE = 1e-4  # max abs logit difference, float32
 BF16_TOLERANCE = 0.25
@@ -191,6 +192,32 @@ def test_logits_indices_select_rows(tmp_path: Path) -> None:
         last = model(token_ids, positions, model.new_cache(torch.float32), last_row)
     assert last.shape == (1, SHAPE["vocab_size"]) and last.dtype == torch.float32
     torch.testing.assert_close(last[0], full[-1])
+
+
+@pytest.mark.parametrize("arch", list(CASES)[1:])  # soft-caps, windows, local rope, q/k norms
+def test_compiled_step_matches_eager(arch: str, tmp_path: Path) -> None:
+    """The compiled step (`step_compiler.py`) on Gemma's extra paths: prefill, then decode."""
+    model = _load_safetensors(_hf_model(arch), tmp_path)
+    token_ids = _token_ids(seed=3)
+
+    def run() -> torch.Tensor:
+        cache, rows = model.new_cache(torch.float32), []
+        with torch.inference_mode():
+            positions, first = torch.arange(token_ids.shape[0]), torch.tensor([0])
+            last = torch.tensor([PROMPT_LEN - 1])
+            rows.append(model(token_ids[:PROMPT_LEN], positions[:PROMPT_LEN], cache, last))
+            for i in range(PROMPT_LEN, token_ids.shape[0]):
+                rows.append(model(token_ids[i : i + 1], positions[i : i + 1], cache, first))
+        return torch.cat(rows)
+
+    eager = run()
+    compiler = StepCompiler(model, torch.float32, None)
+    compiler.start()
+    assert compiler.wait(600), compiler.status
+    with torch.profiler.profile() as prof:
+        compiled = run()
+    assert any("Torch-Compiled Region" in e.name for e in prof.events())
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
 
 
 def _write_gguf(hf: PreTrainedModel, path: Path, arch: str) -> None:
