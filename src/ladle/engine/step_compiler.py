@@ -3,8 +3,10 @@
 A decode step of a small model is bound by the number of kernel calls (about a thousand per
 token in eager PyTorch), not by arithmetic. Inductor fuses the norms, the rotary, the residual
 adds and the activation into a few C++ loops and calls the matmul kernels directly; the native
-kernels (`kernels/`) take attention and the fp16 head. Compiling takes a minute or two on two
-cores, so it runs on a thread of its own and the engine swaps the compiled step in when ready.
+kernels (`kernels/`) take attention and the fp16 head. Inductor's C++ wrapper runs the graph
+without a Python line per kernel: SmolLM2's decode step takes 8.6 ms with it, 11.5 without and
+16.8 eagerly. Compiling takes one to three minutes on two cores, so it runs on a thread of its
+own and the engine swaps the compiled step in when ready.
 
 What keeps the compiled step correct:
 - Attention is an opaque operator (`layers/attention.py`), so the graph holds no cache state;
@@ -44,7 +46,7 @@ warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed", category=Us
 # size of 2 for both would tie them into one symbol, so (3, 2) comes before (2, 2).
 _WARM_UP_SHAPES = ((3, 2), (2, 2), (3, 1), (1, 1))
 _builds_lock = threading.Lock()
-_builds = [0]  # builds running in this process (one per model being compiled)
+_builds_running = 0  # in this process, one per model being compiled
 
 
 class StepCompiler:
@@ -84,8 +86,7 @@ class StepCompiler:
         return self.status == "ready"
 
     def _build(self) -> None:
-        with _builds_lock:
-            _builds[0] += 1
+        _count_build(+1)
         try:
             if native.load():
                 self._use_kernels()
@@ -105,10 +106,8 @@ class StepCompiler:
             log.warning("torch.compile failed, the model runs eagerly: %s", e)
             self.status = f"failed: {type(e).__name__}: {e}"
         finally:
-            with _builds_lock:
-                _builds[0] -= 1
-                if _builds[0] == 0:  # another model's build may still need the workers
-                    _release_compiler_memory()
+            if _count_build(-1) == 0:  # another model's build may still need the workers
+                _release_compiler_memory()
             self._ready.set()
 
     def _use_kernels(self) -> None:
@@ -201,6 +200,14 @@ def _compile(model: CausalLM) -> Callable[..., torch.Tensor]:
             "cpp_wrapper": True,
         },
     )
+
+
+def _count_build(change: int) -> int:
+    """Add `change` to the builds running in this process; returns how many now run."""
+    global _builds_running
+    with _builds_lock:
+        _builds_running += change
+        return _builds_running
 
 
 def _release_compiler_memory() -> None:
