@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from ladle import (
     TextMessageRole,
     TextMessages,
     TextModelBuilder,
+    model_core,
 )
 
 QUESTION = [{"role": "user", "content": "Write one sentence about the sea."}]
@@ -219,6 +222,24 @@ def test_closed_model_refuses_requests(smollm2_path: Path) -> None:
     m.close()
     with pytest.raises(EngineClosedError):
         m.chat("hello")
+
+
+def test_models_left_open_are_closed_at_exit(smollm2_path: Path) -> None:
+    """An open model's daemon engine thread, still in torch while the interpreter tears down
+    its thread pools, aborted the process now and then (exit 134); exit closes it first."""
+    m = TextModelBuilder(smollm2_path).build()
+    model_core._close_open_engines()  # what `atexit` runs
+    with pytest.raises(EngineClosedError):
+        m.chat("hello")
+    script = (
+        "import sys; from ladle import TextModelBuilder; "
+        "print(TextModelBuilder(sys.argv[1]).build().chat('Hi'))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(smollm2_path)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stdout.strip() and "terminate called" not in done.stderr
 
 
 def test_completion_stream_matches_and_reports_usage(model: Model) -> None:

@@ -7,12 +7,14 @@ The two API classes differ only in how they wait for the engine's events.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -72,7 +74,28 @@ class ModelInfo:
     path: str
 
 
-Core = TypeVar("Core")
+class _Engine(Protocol):
+    def close(self) -> None: ...
+
+
+class _HasEngine(Protocol):
+    @property
+    def engine(self) -> _Engine: ...
+
+
+Core = TypeVar("Core", bound=_HasEngine)
+
+# Engines whose models were never closed. Their threads are daemons: left running into the
+# interpreter's teardown, one inside torch aborts the process ("terminate called without an
+# active exception", exit code 134), so they are stopped first, while Python still runs.
+_open_engines: weakref.WeakSet[_Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_engines() -> None:
+    for engine in list(_open_engines):
+        engine.close()
+
 
 SCORE_CHUNK_SIZE = 512  # tokens per forward in `sequence_logits`: bounds attention memory
 
@@ -97,7 +120,9 @@ def start_on_own_thread(make: Callable[[], Core], serve: Callable[[Core], None],
         serve(core)
 
     threading.Thread(target=main, name=name, daemon=True).start()
-    return ready.result()
+    core = ready.result()
+    _open_engines.add(core.engine)
+    return core
 
 
 @torch.inference_mode()
