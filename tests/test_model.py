@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -224,10 +225,14 @@ def test_closed_model_refuses_requests(smollm2_path: Path) -> None:
         m.chat("hello")
 
 
-def test_models_left_open_are_closed_at_exit(smollm2_path: Path) -> None:
+def test_models_left_open_are_closed_at_exit(
+    smollm2_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An open model's daemon engine thread, still in torch while the interpreter tears down
     its thread pools, aborted the process now and then (exit 134); exit closes it first."""
+    monkeypatch.setattr(model_core, "_open_engines", weakref.WeakSet())  # not other tests'
     m = TextModelBuilder(smollm2_path).build()
+    assert len(model_core._open_engines) == 1
     model_core._close_open_engines()  # what `atexit` runs
     with pytest.raises(EngineClosedError):
         m.chat("hello")
