@@ -42,24 +42,22 @@ def attention_cache(cache: AttentionCache) -> Iterator[None]:
 
 
 class Attention(nn.Module):
-    """Softmax attention of `q` `[T, H, D]` over the cache after adding `k`, `v` `[T, KVH, D]`."""
+    """Softmax attention of `q` `[T, H, D]` over the cache after adding `k`, `v` `[T, KVH, D]`.
+
+    Head counts and sizes come from the tensors' shapes; the layer holds only what they do not
+    say: which cache layer it is, the score scale, its window and its soft-cap.
+    """
 
     def __init__(
         self,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
         layer_idx: int,
-        scale: float | None = None,
+        scale: float,
         sliding_window: int | None = None,
         logit_softcap: float | None = None,
     ) -> None:
         super().__init__()
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
         self.layer_idx = layer_idx
-        self.scale = head_dim**-0.5 if scale is None else scale
+        self.scale = scale
         self.sliding_window = sliding_window
         self.logit_softcap = logit_softcap
 

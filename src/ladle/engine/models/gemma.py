@@ -47,11 +47,8 @@ class GemmaAttention(LlamaAttention):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=True)
         scalar = config.query_pre_attn_scalar
         self.attn = Attention(
-            self.num_heads,
-            self.num_kv_heads,
-            self.head_dim,
             layer_idx,
-            scale=None if scalar is None else scalar**-0.5,  # None: 1 / sqrt(head_dim)
+            (self.head_dim if scalar is None else scalar) ** -0.5,
             sliding_window=self.attn.sliding_window,
             logit_softcap=config.attn_logit_softcapping if variant.attn_softcap else None,
         )

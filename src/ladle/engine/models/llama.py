@@ -41,10 +41,8 @@ class LlamaAttention(nn.Module):
             config.layer_types[layer_idx] == "sliding_attention"
         )
         self.attn = Attention(
-            self.num_heads,
-            self.num_kv_heads,
-            self.head_dim,
             layer_idx,
+            self.head_dim**-0.5,
             sliding_window=config.sliding_window if is_sliding else None,
         )
 
