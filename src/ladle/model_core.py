@@ -20,6 +20,7 @@ import torch
 
 from ladle.engine.engine import EngineConfig, LLMEngine
 from ladle.engine.grammar import GrammarCompiler
+from ladle.engine.kv_cache import DEFAULT_KV_CACHE_DTYPE
 from ladle.engine.loader import LoadedModel
 from ladle.engine.loading.chat_template import (
     render_chat_template,
@@ -126,13 +127,14 @@ def start_on_own_thread(make: Callable[[], Core], serve: Callable[[Core], None],
 
 
 @torch.inference_mode()
-def sequence_logits(model: CausalLM, dtype: torch.dtype, ids: list[int]) -> torch.Tensor:
-    """Logits after every token of `ids` (float32 `[len(ids), vocab]`), from one new cache.
+def sequence_logits(model: CausalLM, kv_dtype: torch.dtype, ids: list[int]) -> torch.Tensor:
+    """Logits after every token of `ids` (float32 `[len(ids), vocab]`), from one new cache
+    storing keys and values in `kv_dtype` (the engine's, so scores are what serving computes).
 
     Runs the model directly, chunk by chunk as a prefill does, on the engine's thread
     (`engine.run`): the scheduler's own sequences are left as they are, and wait for it.
     """
-    cache = model.new_cache(dtype)
+    cache = model.new_cache(kv_dtype)
     tokens = torch.tensor(ids, dtype=torch.long)
     out: torch.Tensor | None = None
     for start in range(0, len(ids), SCORE_CHUNK_SIZE):
@@ -156,6 +158,7 @@ class ModelCore:
         max_seq_len: int | None,
         kv_cache_tokens: int | None = None,
         compile: bool = False,
+        kv_cache_dtype: torch.dtype = DEFAULT_KV_CACHE_DTYPE,
     ) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
@@ -171,6 +174,7 @@ class ModelCore:
                 max_num_seqs,
                 kv_cache_tokens=kv_cache_tokens,
                 compile=compile,
+                kv_cache_dtype=kv_cache_dtype,
             ),
         )
         self.max_seq_len = self.engine.config.max_seq_len  # a KV budget below it caps it
@@ -186,10 +190,19 @@ class ModelCore:
         max_seq_len: int | None,
         kv_cache_tokens: int | None = None,
         compile: bool = False,
+        kv_cache_dtype: torch.dtype = DEFAULT_KV_CACHE_DTYPE,
     ) -> ModelCore:
         """Load the model on a new thread, which then runs its engine; wait until loaded."""
         return start_on_own_thread(
-            lambda: cls(load(), model_id, max_num_seqs, max_seq_len, kv_cache_tokens, compile),
+            lambda: cls(
+                load(),
+                model_id,
+                max_num_seqs,
+                max_seq_len,
+                kv_cache_tokens,
+                compile,
+                kv_cache_dtype,
+            ),
             lambda core: core.engine.serve(),
             f"ladle-engine[{model_id}]",
         )
@@ -283,8 +296,8 @@ class ModelCore:
                 f"{len(ids)} tokens exceed the model's context of {self.max_seq_len}", param="ids"
             )
         self.check_token_ids(ids, "ids")
-        model, dtype = self.loaded.model, self.loaded.dtype
-        return self.engine.run(lambda: sequence_logits(model, dtype, ids))
+        model, kv_dtype = self.loaded.model, self.engine.config.kv_cache_dtype
+        return self.engine.run(lambda: sequence_logits(model, kv_dtype, ids))
 
     def sampling(
         self, req: ChatCompletionRequest | CompletionRequest, logprobs: bool, top: int

@@ -8,6 +8,10 @@ amplify to ~0.2 over 30 layers, while dense layers keep them at the fp16 output 
 rounding (measured 0.008): the tolerance is 2e-2 absolute on logits of magnitude ~20, and
 the top token must agree. Greedy tokens in a batch equal those alone bit for bit on the int4
 model: a sequence's rows take the same kernels either way.
+
+The paged pools are checked in both KV cache dtypes, float32 and float16 (the engine's
+default), each against a single-sequence cache that stores the same dtype: both then attend
+the same rounded keys and values, and the tolerance above still holds.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from ladle.engine.block_manager import BlockManager
 from ladle.engine.engine import EngineConfig, LLMEngine
+from ladle.engine.kernels import native
 from ladle.engine.layers import linear
 from ladle.engine.loader import LoadedModel, load_model
 from ladle.engine.model_runner import ModelRunner
@@ -59,11 +64,21 @@ def smollm2(smollm2_path: Path) -> LoadedModel:
 
 
 @pytest.fixture(scope="module")
-def dense(smollm2_path: Path) -> Iterator[LoadedModel]:
-    """SmolLM2 with every 4-bit layer decoded to fp32 instead of packed for the int4 kernel."""
+def dense(smollm2_path: Path) -> LoadedModel:
+    """SmolLM2 with every 4-bit layer decoded to fp32 instead of packed for the int4 kernel.
+
+    The patch ends with the load (it matters only then): `smollm2`, loaded later in the module,
+    must stay 4-bit, whose rows are computed alike in any batch.
+    """
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(linear, "can_pack_int4", lambda weight: False)
-        yield load_model(smollm2_path)
+        return load_model(smollm2_path)
+
+
+@pytest.fixture(params=[torch.float32, torch.float16], ids=["f32", "f16"])
+def kv_dtype(request: pytest.FixtureRequest) -> torch.dtype:
+    """The paged pools' dtype (and the reference cache's): a test taking it runs with both."""
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +92,13 @@ def assert_same_logits(got: torch.Tensor | None, want: torch.Tensor) -> None:
     assert got.argmax() == want.argmax()
 
 
-def reference_logits(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
+def reference_logits(
+    loaded: LoadedModel, ids: list[int], kv_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Logits after the last token, from the contiguous single-sequence cache."""
     model = loaded.model
     with torch.inference_mode():
-        cache = model.new_cache(torch.float32)
+        cache = model.new_cache(kv_dtype)
         return model(
             torch.tensor(ids), torch.arange(len(ids)), cache, torch.tensor([len(ids) - 1])
         )[0]
@@ -101,22 +118,32 @@ def compute(
     return row
 
 
-def paged(loaded: LoadedModel, num_blocks: int = 64, block_size: int = 16):
-    cache = loaded.model.new_paged_cache(num_blocks, block_size, torch.float32)
+def paged(
+    loaded: LoadedModel,
+    num_blocks: int = 64,
+    block_size: int = 16,
+    kv_dtype: torch.dtype = torch.float32,
+):
+    cache = loaded.model.new_paged_cache(num_blocks, block_size, kv_dtype)
+    assert cache.k[0].dtype == cache.v[-1].dtype == kv_dtype
     return ModelRunner(loaded.model, cache), BlockManager(num_blocks, block_size)
 
 
 @pytest.mark.parametrize("chunk", [7, 16, 1000])
-def test_chunked_prefill_equals_one_shot(dense: LoadedModel, prompt: list[int], chunk: int) -> None:
-    runner, blocks = paged(dense)
+def test_chunked_prefill_equals_one_shot(
+    dense: LoadedModel, prompt: list[int], chunk: int, kv_dtype: torch.dtype
+) -> None:
+    runner, blocks = paged(dense, kv_dtype=kv_dtype)
     seq = Tokens(list(prompt))
     blocks.allocate(seq)  # type: ignore[arg-type]
     logits = compute(runner, blocks, seq, chunk)
-    assert_same_logits(logits, reference_logits(dense, prompt))
+    assert_same_logits(logits, reference_logits(dense, prompt, kv_dtype))
 
 
-def test_prefix_cache_hit_equals_cold_run(dense: LoadedModel, prompt: list[int]) -> None:
-    runner, blocks = paged(dense)
+def test_prefix_cache_hit_equals_cold_run(
+    dense: LoadedModel, prompt: list[int], kv_dtype: torch.dtype
+) -> None:
+    runner, blocks = paged(dense, kv_dtype=kv_dtype)
     first = Tokens(prompt[:40])
     blocks.allocate(first)  # type: ignore[arg-type]
     compute(runner, blocks, first, 512)
@@ -127,12 +154,14 @@ def test_prefix_cache_hit_equals_cold_run(dense: LoadedModel, prompt: list[int])
     assert second.num_cached_tokens == 32  # two full blocks of the first prompt
     assert second.block_table[:2] == first_blocks
     logits = compute(runner, blocks, second, 512)
-    assert_same_logits(logits, reference_logits(dense, prompt))
+    assert_same_logits(logits, reference_logits(dense, prompt, kv_dtype))
 
 
-def test_scattered_blocks_equal_a_run(dense: LoadedModel, prompt: list[int]) -> None:
+def test_scattered_blocks_equal_a_run(
+    dense: LoadedModel, prompt: list[int], kv_dtype: torch.dtype
+) -> None:
     """A table that is not one run (shared prefix, then own blocks) gathers its keys."""
-    runner, blocks = paged(dense)
+    runner, blocks = paged(dense, kv_dtype=kv_dtype)
     seq = Tokens(list(prompt))
     needed = blocks.blocks_for(len(prompt))
     seq.block_table = [2 * (needed - i) for i in range(needed)]  # descending, with gaps
@@ -140,7 +169,34 @@ def test_scattered_blocks_equal_a_run(dense: LoadedModel, prompt: list[int]) -> 
     for b in seq.block_table:
         blocks._hold(b)
     logits = compute(runner, blocks, seq, 20)
-    assert_same_logits(logits, reference_logits(dense, prompt))
+    assert_same_logits(logits, reference_logits(dense, prompt, kv_dtype))
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_kernel_decode_on_float16_pools_equals_one_sequence(
+    dense: LoadedModel, prompt: list[int], contiguous: bool
+) -> None:
+    """Decode steps through the paged kernel (which rounds new keys and values into the
+    float16 pools itself) compute what the torch path computes on a float16 cache."""
+    if not native.load():
+        pytest.skip("native kernels unavailable")
+    runner, blocks = paged(dense, kv_dtype=torch.float16)
+    runner.cache.use_kernels = True
+    seq = Tokens(list(prompt))
+    if contiguous:
+        blocks.allocate(seq)  # type: ignore[arg-type]
+    else:
+        seq.block_table = [8, 6, 4, 2]  # descending, with gaps: 64 slots for 49 tokens
+        seq.contiguous = False
+        for b in seq.block_table:
+            blocks._hold(b)
+    seq.token_ids = prompt[:40]  # a prefill (torch), then 9 decode steps (the kernel)
+    compute(runner, blocks, seq, 512)
+    for token in prompt[40:49]:
+        seq.token_ids.append(token)
+        assert runner._decode_tables([ScheduledSequence(seq, 1)]) is not None  # type: ignore[arg-type]
+        logits = compute(runner, blocks, seq, 1)
+    assert_same_logits(logits, reference_logits(dense, prompt[:49], torch.float16))
 
 
 # ------------------------------------------------------------------ the engine, end to end
@@ -172,7 +228,7 @@ class Collect:
 def engine_factory(smollm2: LoadedModel) -> Iterator:
     engines: list[LLMEngine] = []
 
-    def start(loaded: LoadedModel = smollm2, **config: int) -> LLMEngine:
+    def start(loaded: LoadedModel = smollm2, **config: object) -> LLMEngine:
         engine = LLMEngine(loaded.model, loaded.tokenizer, EngineConfig(2048, **config))
         threading.Thread(target=engine.serve, daemon=True).start()
         engines.append(engine)
@@ -216,10 +272,29 @@ def alone_and_together(
     return alone, [sink.tokens()[0] for sink in sinks]
 
 
-def test_batched_greedy_equals_single(smollm2: LoadedModel, engine_factory) -> None:
+def test_batched_greedy_equals_single(
+    smollm2: LoadedModel, engine_factory, kv_dtype: torch.dtype
+) -> None:
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     prompts = [chat_ids(smollm2, p) for p in PROMPTS]
-    alone, together = alone_and_together(engine_factory(), prompts, params)
+    engine = engine_factory(kv_cache_dtype=kv_dtype)
+    assert engine.runner.cache.k[0].dtype == kv_dtype
+    alone, together = alone_and_together(engine, prompts, params)
+    assert together == alone
+
+
+def test_batched_greedy_equals_single_through_the_paged_kernel(
+    smollm2: LoadedModel, engine_factory
+) -> None:
+    """The engine's default float16 pools, decoded by the native kernel."""
+    if not native.load():
+        pytest.skip("native kernels unavailable")
+    engine = engine_factory()
+    assert engine.runner.cache.k[0].dtype == torch.float16  # the default
+    engine.run(lambda: setattr(engine.runner.cache, "use_kernels", True)).result()
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    prompts = [chat_ids(smollm2, p) for p in PROMPTS[:4]]
+    alone, together = alone_and_together(engine, prompts, params)
     assert together == alone
 
 

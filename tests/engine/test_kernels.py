@@ -1,7 +1,9 @@
 """The native kernels against torch references.
 
 Attention is compared with `scaled_dot_product_attention` in float32: only the order of the
-sums differs, so outputs (weighted means of unit-normal values) agree within 1e-5. `half_linear`
+sums differs, so outputs (weighted means of unit-normal values) agree within 1e-5. With float16
+keys and values the reference attends the same float16 values widened to float32 (the kernel
+widens them exactly, and sums in float32), so the tolerance stays 1e-5. `half_linear`
 is compared with `x @ w.float().T`: both accumulate K float32 products of size about 1, so the
 tolerance is 1e-4 times sqrt(K), the size of an output.
 """
@@ -27,6 +29,7 @@ if not native.load():
     )
 
 ops = torch.ops.ladle_kernels
+CACHED_DTYPES = [torch.float32, torch.float16]  # what keys and values may be stored in
 
 
 def sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
@@ -37,6 +40,7 @@ def sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
     return out[0, :, 0]
 
 
+@pytest.mark.parametrize("dtype", CACHED_DTYPES)
 @pytest.mark.parametrize(
     ("num_heads", "num_kv_heads", "head_dim", "length"),
     [
@@ -48,28 +52,32 @@ def sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
     ],
 )
 def test_decode_attention_matches_sdpa(
-    num_heads: int, num_kv_heads: int, head_dim: int, length: int
+    num_heads: int, num_kv_heads: int, head_dim: int, length: int, dtype: torch.dtype
 ) -> None:
     torch.manual_seed(0)
     q = torch.randn(num_heads, head_dim)
-    keys = torch.randn(num_kv_heads, length, head_dim)
-    values = torch.randn(num_kv_heads, length, head_dim)
+    keys = torch.randn(num_kv_heads, length, head_dim).to(dtype)
+    values = torch.randn(num_kv_heads, length, head_dim).to(dtype)
     scale = head_dim**-0.5
     out = ops.decode_attention(q, keys, values, scale)
-    torch.testing.assert_close(out, sdpa(q, keys, values, scale), rtol=0, atol=1e-5)
+    assert out.dtype == torch.float32
+    expected = sdpa(q, keys.float(), values.float(), scale)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
 
-def test_decode_attention_reads_strided_views_of_a_pool() -> None:
+@pytest.mark.parametrize("dtype", CACHED_DTYPES)
+def test_decode_attention_reads_strided_views_of_a_pool(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
-    pool_k, pool_v = torch.randn(3, 1000, 64), torch.randn(3, 1000, 64)
+    pool_k, pool_v = torch.randn(3, 1000, 64).to(dtype), torch.randn(3, 1000, 64).to(dtype)
     q = torch.randn(9, 64)
     keys, values = pool_k[:, 100:431], pool_v[:, 100:431]  # rows of a bigger pool
     out = ops.decode_attention(q, keys, values, 0.125)
-    torch.testing.assert_close(out, sdpa(q, keys.contiguous(), values.contiguous(), 0.125))
-    token_major = torch.randn(331, 3, 64)  # [L, KVH, D] seen as [KVH, L, D]
+    expected = sdpa(q, keys.float(), values.float(), 0.125)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    token_major = torch.randn(331, 3, 64).to(dtype)  # [L, KVH, D] seen as [KVH, L, D]
     keys = values = token_major.transpose(0, 1)
     out = ops.decode_attention(q, keys, values, 0.125)
-    expected = sdpa(q, keys.contiguous(), values.contiguous(), 0.125)
+    expected = sdpa(q, keys.float(), values.float(), 0.125)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
 
@@ -82,9 +90,11 @@ def test_decode_attention_is_stable_for_large_scores() -> None:
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
 
 
-def test_decode_attention_does_not_depend_on_the_thread_count() -> None:
+@pytest.mark.parametrize("dtype", CACHED_DTYPES)
+def test_decode_attention_does_not_depend_on_the_thread_count(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
-    q, keys, values = torch.randn(9, 64), torch.randn(3, 1000, 64), torch.randn(3, 1000, 64)
+    q = torch.randn(9, 64)
+    keys, values = torch.randn(3, 1000, 64).to(dtype), torch.randn(3, 1000, 64).to(dtype)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -96,17 +106,22 @@ def test_decode_attention_does_not_depend_on_the_thread_count() -> None:
     assert torch.equal(serial, parallel)
 
 
-def test_paged_decode_attention_writes_new_slots_and_attends_through_block_tables() -> None:
+@pytest.mark.parametrize("head_dim", [64, 40])  # 40: rows that end in a partial vector
+@pytest.mark.parametrize("dtype", CACHED_DTYPES)
+def test_paged_decode_attention_writes_new_slots_and_attends_through_block_tables(
+    dtype: torch.dtype, head_dim: int
+) -> None:
+    """Float16 pools get the new k, v rounded as `.half()` rounds them, bit for bit."""
     torch.manual_seed(0)
-    num_heads, num_kv_heads, head_dim, block_size, num_blocks = 6, 2, 64, 16, 40
+    num_heads, num_kv_heads, block_size, num_blocks = 6, 2, 16, 40
     lengths = [1, 16, 300]  # new token: a fresh block, a block's last slot, a long sequence
     blocks = torch.randperm(num_blocks).tolist()  # scattered, not ascending
     tables = torch.zeros(3, 19, dtype=torch.int32)  # unused entries stay 0 (padding)
     tables[0, :1] = torch.tensor(blocks[:1])
     tables[1, :1] = torch.tensor(blocks[1:2])
     tables[2, :19] = torch.tensor(blocks[2:21])
-    pool_k = torch.randn(num_kv_heads, num_blocks * block_size, head_dim)
-    pool_v = torch.randn(num_kv_heads, num_blocks * block_size, head_dim)
+    pool_k = torch.randn(num_kv_heads, num_blocks * block_size, head_dim).to(dtype)
+    pool_v = torch.randn(num_kv_heads, num_blocks * block_size, head_dim).to(dtype)
     q = torch.randn(3, num_heads, head_dim)
     k, v = torch.randn(3, num_kv_heads, head_dim), torch.randn(3, num_kv_heads, head_dim)
 
@@ -117,14 +132,32 @@ def test_paged_decode_attention_writes_new_slots_and_attends_through_block_table
 
     expected_k, expected_v = pool_k.clone(), pool_v.clone()
     for b in range(3):
-        expected_k[:, slots(b)[-1]], expected_v[:, slots(b)[-1]] = k[b], v[b]
+        last = slots(b)[-1]
+        expected_k[:, last], expected_v[:, last] = k[b].to(dtype), v[b].to(dtype)
     out = ops.paged_decode_attention(
         q, k, v, pool_k, pool_v, tables, torch.tensor(lengths), block_size, 0.125
     )
+    assert pool_k.dtype == dtype and out.dtype == torch.float32
     assert torch.equal(pool_k, expected_k) and torch.equal(pool_v, expected_v)
     for b in range(3):
-        keys, values = expected_k[:, slots(b)], expected_v[:, slots(b)]
+        keys, values = expected_k[:, slots(b)].float(), expected_v[:, slots(b)].float()
         torch.testing.assert_close(out[b], sdpa(q[b], keys, values, 0.125), rtol=0, atol=1e-5)
+
+
+def test_paged_decode_attention_on_float16_pools_is_close_to_float32_pools() -> None:
+    """What storing the cache in float16 costs: outputs move by the values' rounding (a
+    relative 2^-11 of unit-normal values, so well under 1e-2), not more."""
+    torch.manual_seed(0)
+    tables, lengths = (
+        torch.randperm(64).view(4, 16).to(torch.int32),
+        torch.tensor([5, 90, 200, 256]),
+    )
+    pool_k, pool_v = torch.randn(3, 64 * 16, 64), torch.randn(3, 64 * 16, 64)
+    q, k, v = torch.randn(4, 9, 64), torch.randn(4, 3, 64), torch.randn(4, 3, 64)
+    args = (tables, lengths, 16, 0.125)
+    full = ops.paged_decode_attention(q, k, v, pool_k, pool_v, *args)
+    half = ops.paged_decode_attention(q, k, v, pool_k.half(), pool_v.half(), *args)
+    assert 0 < (half - full).abs().max().item() < 1e-2
 
 
 @pytest.mark.parametrize("num_rows", [1, 3, 16])
@@ -156,6 +189,12 @@ def test_half_linear_matches_float_matmul(
         (lambda: _paged(tables=torch.zeros(1, 2, dtype=torch.int64)), "block_tables must"),
         (lambda: _paged(lengths=torch.tensor([9])), "lengths[0] = 9"),
         (lambda: _paged(tables=torch.tensor([[0, 99]], dtype=torch.int32)), "block_tables[0][1]"),
+        (lambda: _paged(pools=torch.bfloat16), "pool_k must be float32 or float16"),
+        (lambda: _paged(pools=(torch.float16, torch.float32)), "one dtype, got Half and Float"),
+        (
+            lambda: ops.decode_attention(torch.randn(4, 8), *_kv(2, 8, torch.float64), 1.0),
+            "keys must be float32 or float16, got Double",
+        ),
     ],
 )
 def test_bad_inputs_raise_naming_the_argument(call: Callable[[], object], message: str) -> None:
@@ -163,15 +202,23 @@ def test_bad_inputs_raise_naming_the_argument(call: Callable[[], object], messag
         call()
 
 
-def _kv(num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.randn(num_kv_heads, 5, head_dim), torch.randn(num_kv_heads, 5, head_dim)
+def _kv(
+    num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (num_kv_heads, 5, head_dim)
+    return torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
 
 
-def _paged(tables: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> object:
+def _paged(
+    tables: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    pools: torch.dtype | tuple[torch.dtype, torch.dtype] = torch.float32,
+) -> object:
     """A valid call (6 tokens, a 2-block table, a pool of 4 blocks of 4) but for one argument."""
     tables = torch.tensor([[2, 0]], dtype=torch.int32) if tables is None else tables
     lengths = torch.tensor([6]) if lengths is None else lengths
-    pool_k, pool_v = torch.zeros(1, 16, 8), torch.zeros(1, 16, 8)
+    k_dtype, v_dtype = pools if isinstance(pools, tuple) else (pools, pools)
+    pool_k, pool_v = torch.zeros(1, 16, 8, dtype=k_dtype), torch.zeros(1, 16, 8, dtype=v_dtype)
     q, k, v = torch.randn(1, 2, 8), torch.randn(1, 1, 8), torch.randn(1, 1, 8)
     return ops.paged_decode_attention(q, k, v, pool_k, pool_v, tables, lengths, 4, 1.0)
 

@@ -44,6 +44,12 @@ def add_serve(sub: Any) -> None:
         default=None,
         help="each model's KV cache budget in tokens (default: one full context)",
     )
+    serve.add_argument(
+        "--kv-cache-dtype",
+        choices=("f16", "f32"),
+        default="f16",
+        help="what each model's KV cache stores keys and values in (default: f16, half of f32)",
+    )
     serve.add_argument("--threads", type=int, default=None, help="CPU threads per model")
     cache_dir_option(serve)
     serve.set_defaults(func=_serve)
@@ -63,6 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
         default_ttl=args.ttl,
         max_num_seqs=args.max_num_seqs,
         kv_cache_tokens=args.kv_cache_tokens,
+        kv_cache_dtype=args.kv_cache_dtype,
         num_threads=args.threads,
     )
     with service.registration(cache_dir, api_key) as on_ready:

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import torch
 
 from ladle.engine.block_manager import BlockManager
+from ladle.engine.kv_cache import DEFAULT_KV_CACHE_DTYPE
 from ladle.engine.loading.tokenizer import Tokenizer
 from ladle.engine.model_runner import ModelRunner
 from ladle.engine.models.base import CausalLM
@@ -44,6 +45,7 @@ class EngineConfig:
     kv_cache_tokens: int | None = None  # KV budget shared by all sequences (max_seq_len)
     block_size: int = 16
     compile: bool = False  # compile the step in the background (`step_compiler.py`)
+    kv_cache_dtype: torch.dtype = DEFAULT_KV_CACHE_DTYPE  # what K/V are stored in (`kv_cache.py`)
 
     def __post_init__(self) -> None:
         tokens = self.kv_cache_tokens or self.max_seq_len
@@ -88,7 +90,7 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks
         )
         self.runner = ModelRunner(
-            model, model.new_paged_cache(num_blocks, config.block_size, config.dtype)
+            model, model.new_paged_cache(num_blocks, config.block_size, config.kv_cache_dtype)
         )
         self.compiler: StepCompiler | None = None
         if config.compile:
@@ -268,7 +270,7 @@ class LLMEngine:
 
         It runs outside the batch, on a cache of its own: nothing is sampled, nothing kept.
         """
-        cache = self.model.new_cache(self.config.dtype)
+        cache = self.model.new_cache(self.config.kv_cache_dtype)  # as the engine's own steps
         ids = torch.tensor(prompt_ids, dtype=torch.long)
         chunk = self.config.max_num_batched_tokens
         logits = torch.empty(0)

@@ -5,6 +5,14 @@ hands its new keys and values to the cache (`store`) and gets back one `Segment`
 sequence: which query rows are that sequence's, and all of its keys and values so far.
 The engine's batches use the paged cache (`paged_cache.py`); a `KVCache` serves one sequence
 on its own (scoring, embedding, tests), growing its buffers by doubling.
+
+A cache may keep keys and values in a narrower dtype than the model computes in: the engine's
+paged pools default to float16 (`DEFAULT_KV_CACHE_DTYPE`), as llama.cpp's, which halves their
+memory and the bytes a decode step reads, for a rounding error far below the weights'
+quantization. New keys and values are rounded as they are stored; attention widens what it
+reads. The engine's one-off `KVCache`s (a prompt's logits, scoring a text) take the same
+dtype, so that their logits are those the engine samples from; an embedding's keeps the
+compute dtype.
 """
 
 from __future__ import annotations
@@ -13,12 +21,36 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+# What `kv_cache_dtype` settings may name; float16 by default.
+KV_CACHE_DTYPES = {
+    "f16": torch.float16,
+    "float16": torch.float16,
+    "f32": torch.float32,
+    "float32": torch.float32,
+}
+DEFAULT_KV_CACHE_DTYPE = torch.float16
+# The cached dtypes the native decode kernels read (with float32 queries).
+KERNEL_KV_DTYPES = (torch.float32, torch.float16)
+
+
+def parse_kv_cache_dtype(value: str | torch.dtype) -> torch.dtype:
+    """The dtype a KV cache setting names ("f16", "float16", "f32", "float32" or the dtype).
+
+    Raises ValueError naming the accepted values otherwise.
+    """
+    if isinstance(value, torch.dtype):
+        if value in KV_CACHE_DTYPES.values():
+            return value
+    elif value.lower() in KV_CACHE_DTYPES:
+        return KV_CACHE_DTYPES[value.lower()]
+    raise ValueError(f"unknown KV cache dtype {value!r} (one of {', '.join(KV_CACHE_DTYPES)})")
+
 
 class Segment(NamedTuple):
     """One sequence's share of a batch in one layer."""
 
     rows: slice  # its query rows in the batch
-    keys: torch.Tensor  # [num_kv_heads, start + num_rows, head_dim]
+    keys: torch.Tensor  # [num_kv_heads, start + num_rows, head_dim], in the cache's dtype
     values: torch.Tensor
     start: int  # tokens cached before these rows (the first row's position)
 
@@ -48,7 +80,10 @@ class AttentionCache(Protocol):
 
 
 class KVCache:
-    """One sequence's keys and values, `[num_kv_heads, capacity, head_dim]` per layer."""
+    """One sequence's keys and values, `[num_kv_heads, capacity, head_dim]` per layer.
+
+    `dtype` is what they are stored in, whatever the model computes in.
+    """
 
     def __init__(
         self,
@@ -100,6 +135,8 @@ class KVCache:
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor | None:
         if not self.use_kernels or q.shape[0] != 1 or q.dtype != torch.float32:
+            return None
+        if self.dtype not in KERNEL_KV_DTYPES:
             return None
         ((_, keys, values, _),) = self.store(layer_idx, k, v)
         out = torch.ops.ladle_kernels.decode_attention(q[0], keys, values, scale)

@@ -9,6 +9,10 @@ itself on a CPU; the block manager places blocks to keep runs whole.
 A step in which every sequence decodes one token can skip both the gather and the per-sequence
 calls: when native kernels are on (`use_kernels`, set by `StepCompiler`), one call per layer
 writes every new key and value through the block tables and attends all sequences at once.
+
+The pools' dtype is the engine's `kv_cache_dtype`, float16 by default whatever the model
+computes in (`kv_cache.py`): new keys and values are rounded into it, and attention reads them
+back in its own dtype (the kernel widens them in registers).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ class PagedKVCache:
         dtype: torch.dtype,
         v_head_dim: int | None = None,
     ) -> None:
-        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
         self.use_kernels = False  # `ladle_kernels.paged_decode_attention` for decode steps
         slots, v_dim = num_blocks * block_size, v_head_dim or head_dim
         # torch.empty maps the pool lazily: memory is touched only as blocks are written.
@@ -82,8 +86,9 @@ class KVBatch:
 
     def store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> list[Segment]:
         pool_k, pool_v = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        pool_k[:, self.write] = k.transpose(0, 1)
-        pool_v[:, self.write] = v.transpose(0, 1)
+        # rounded to the pools' dtype here: a write through a slot tensor does not convert
+        pool_k[:, self.write] = k.transpose(0, 1).to(pool_k.dtype)
+        pool_v[:, self.write] = v.transpose(0, 1).to(pool_v.dtype)
         return [
             Segment(s.rows, pool_k[:, s.read], pool_v[:, s.read], s.start) for s in self.sequences
         ]

@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 
 from ladle.engine.kernels import native
+from ladle.engine.kv_cache import KERNEL_KV_DTYPES
 from ladle.engine.layers.attention import attention_cache
 from ladle.engine.layers.linear import Linear, weights_generation
 from ladle.engine.loader import release_free_memory
@@ -115,8 +116,10 @@ class StepCompiler:
         for module in self.model.modules():
             if isinstance(module, Linear):
                 module.use_kernels = True
-        if self.cache is not None:  # the paged kernel reads float32 pools only
-            self.cache.use_kernels = self.cache.k[0].dtype == torch.float32
+        if self.cache is not None:  # the paged kernel: float32 queries, float32 or float16 pools
+            self.cache.use_kernels = (
+                self.dtype == torch.float32 and self.cache.dtype in KERNEL_KV_DTYPES
+            )
 
     @torch.inference_mode()
     def _warm_up(self, compiled: Callable[..., torch.Tensor]) -> None:

@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ladle.cache import ModelCache
 from ladle.catalog import Catalog
+from ladle.engine.kv_cache import parse_kv_cache_dtype
 from ladle.errors import InvalidRequestError, LadleError, ServiceError
 from ladle.server.errors import handle_exception, unauthorized
 from ladle.server.foundry_routes import FoundryRoutes
@@ -59,6 +60,7 @@ class ServerSettings:
         catalog_paths: catalog files or folders read besides the built-in catalog.
         max_num_seqs: sequences each text model decodes together, at most.
         kv_cache_tokens: each text model's KV cache budget in tokens (None: one full context).
+        kv_cache_dtype: what each text model's KV cache stores: "f16" (default) or "f32".
         num_threads: CPU threads per model (None: the cores this process may use).
     """
 
@@ -72,6 +74,7 @@ class ServerSettings:
     catalog_paths: tuple[Path, ...] = ()
     max_num_seqs: int = 16
     kv_cache_tokens: int | None = None
+    kv_cache_dtype: str = "f16"
     num_threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -95,6 +98,10 @@ class ServerSettings:
             raise InvalidRequestError(
                 f"must be at least 2, got {self.kv_cache_tokens}", "kv_cache_tokens"
             )
+        try:
+            parse_kv_cache_dtype(self.kv_cache_dtype)
+        except ValueError as e:
+            raise InvalidRequestError(str(e), "kv_cache_dtype") from e
         if self.num_threads is not None and self.num_threads < 1:
             raise InvalidRequestError(f"must be at least 1, got {self.num_threads}", "num_threads")
         if self.api_key == "":
@@ -124,6 +131,7 @@ def create_app(settings: ServerSettings) -> Starlette:
         memory_budget_mb=settings.memory_budget_mb,
         max_num_seqs=settings.max_num_seqs,
         kv_cache_tokens=settings.kv_cache_tokens,
+        kv_cache_dtype=settings.kv_cache_dtype,
         num_threads=settings.num_threads,
     )
 

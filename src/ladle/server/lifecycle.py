@@ -119,7 +119,8 @@ class ModelPool:
         default_ttl: seconds a model loaded on demand may stay idle.
         max_loaded_models: how many models may be loaded at once.
         memory_budget_mb: estimated memory all loaded models may use together (None: no limit).
-        max_num_seqs, kv_cache_tokens: each text model's engine limits (see the builders).
+        max_num_seqs, kv_cache_tokens, kv_cache_dtype: each text model's engine settings (see
+            the builders; None: the builders' default).
         num_threads: CPU threads per model (None: the builders' default).
     """
 
@@ -133,6 +134,7 @@ class ModelPool:
         memory_budget_mb: int | None,
         max_num_seqs: int = 16,
         kv_cache_tokens: int | None = None,
+        kv_cache_dtype: str | None = None,
         num_threads: int | None = None,
     ) -> None:
         self._resolve = resolve
@@ -142,6 +144,7 @@ class ModelPool:
         self._budget = None if memory_budget_mb is None else memory_budget_mb * MB
         self._max_num_seqs = max_num_seqs
         self._kv_cache_tokens = kv_cache_tokens
+        self._kv_cache_dtype = kv_cache_dtype
         self._num_threads = num_threads
         self._loaded: dict[str, Resident] = {}
         self._loading: dict[str, asyncio.Task[Resident]] = {}
@@ -252,6 +255,8 @@ class ModelPool:
                 builder = TextModelBuilder(source.path).with_max_num_seqs(self._max_num_seqs)
                 if self._kv_cache_tokens is not None:
                     builder = builder.with_kv_cache_tokens(self._kv_cache_tokens)
+                if self._kv_cache_dtype is not None:
+                    builder = builder.with_kv_cache_dtype(self._kv_cache_dtype)
             if self._num_threads is not None:
                 builder = builder.with_num_threads(self._num_threads)
             model = await builder.with_model_id(source.model_id).build_async()

@@ -171,6 +171,20 @@ def test_bfloat16_matches_transformers_within_rounding(arch: str, tmp_path: Path
     assert (got - expected).abs().max().item() < BF16_TOLERANCE
 
 
+@pytest.mark.parametrize("arch", list(CASES))
+def test_float16_kv_cache_matches_float32_within_its_rounding(arch: str, tmp_path: Path) -> None:
+    """A float32 model over a float16 KV cache (the engine's default), through the windowed
+    and soft-capped prefill and decode paths, which read the rounded keys and values back in
+    float32. Rounding them (relative 2^-11) moves these logits (|x| < 6) by ~0.004: more than
+    float32's own error, so the cache did round, and well under 2e-2."""
+    model = _load_safetensors(_hf_model(arch), tmp_path)
+    token_ids = _token_ids(seed=1)
+    half = _run(model, token_ids, torch.float16)
+    assert half.dtype == torch.float32
+    diff = (half - _run(model, token_ids)).abs().max().item()
+    assert 10 * TOLERANCE < diff < 2e-2
+
+
 @pytest.mark.parametrize(
     ("arch", "feature"), [(arch, key) for arch, off in FEATURES_OFF.items() for key in off]
 )

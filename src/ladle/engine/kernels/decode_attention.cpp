@@ -6,11 +6,16 @@
 // once), leaving an unnormalised partial result with its max and sum; a second pass merges the
 // spans of each head by rescaling. Spans have a fixed size, so the result does not depend on
 // the number of threads.
+//
+// The cached keys and values are float32 or float16 (the engine's KV cache keeps float16: half
+// the memory, and half the bytes each step reads). Float16 rows are widened to float32 in
+// registers as they are loaded; the scores, the softmax and the sums are float32 either way.
 
 #include <ATen/TensorIterator.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/FunctionRef.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #ifdef __AVX512F__
@@ -22,6 +27,7 @@
 #include <cstring>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace ladle_kernels {
@@ -68,19 +74,36 @@ __mmask16 tail_mask(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
 }
 
-template <int GB>
-void score_rows(const float* q, int64_t D, const float* const* keys, int64_t n, float* scores) {
+// 16 elements of a cached row, of either type, as floats.
+__m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+__m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// The elements that m (a tail_mask) selects, as floats, zeros past them.
+__m512 load_masked(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+
+__m512 load_masked(const c10::Half* p, __mmask16 m) {
+  if (m == 0xFFFF) return load16(p);
+  alignas(64) float tail[16] = {};  // rare (a head dim no multiple of 16): widen one by one
+  for (int j = 0; j < __builtin_popcount(m); ++j) tail[j] = float(p[j]);
+  return _mm512_load_ps(tail);
+}
+
+template <int GB, class T>
+void score_rows(const float* q, int64_t D, const T* const* keys, int64_t n, float* scores) {
   for (int64_t i = 0; i < n; ++i) {
     __m512 acc[GB];
     for (int g = 0; g < GB; ++g) acc[g] = _mm512_setzero_ps();
     int64_t d = 0;
     for (; d + 16 <= D; d += 16) {  // the tail apart, so the accumulators stay in registers
-      const __m512 k = _mm512_loadu_ps(keys[i] + d);
+      const __m512 k = load16(keys[i] + d);
       for (int g = 0; g < GB; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + d), k, acc[g]);
     }
     if (d < D) {
       const __mmask16 m = tail_mask(D - d);
-      const __m512 k = _mm512_maskz_loadu_ps(m, keys[i] + d);
+      const __m512 k = load_masked(keys[i] + d, m);
       for (int g = 0; g < GB; ++g)
         acc[g] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + g * D + d), k, acc[g]);
     }
@@ -88,8 +111,8 @@ void score_rows(const float* q, int64_t D, const float* const* keys, int64_t n, 
   }
 }
 
-template <int GB>
-void accumulate_rows(const float* p, const float* const* values, int64_t n, int64_t Dv,
+template <int GB, class T>
+void accumulate_rows(const float* p, const T* const* values, int64_t n, int64_t Dv,
                      float* acc_out) {
   for (int64_t d = 0; d < Dv; d += 16) {
     const __mmask16 m = tail_mask(Dv - d);
@@ -97,15 +120,15 @@ void accumulate_rows(const float* p, const float* const* values, int64_t n, int6
     for (int g = 0; g < GB; ++g) even[g] = odd[g] = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 2 <= n; i += 2) {
-      const __m512 v0 = _mm512_maskz_loadu_ps(m, values[i] + d);
-      const __m512 v1 = _mm512_maskz_loadu_ps(m, values[i + 1] + d);
+      const __m512 v0 = load_masked(values[i] + d, m);
+      const __m512 v1 = load_masked(values[i + 1] + d, m);
       for (int g = 0; g < GB; ++g) {
         even[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * kSpan + i]), v0, even[g]);
         odd[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * kSpan + i + 1]), v1, odd[g]);
       }
     }
     if (i < n) {
-      const __m512 v0 = _mm512_maskz_loadu_ps(m, values[i] + d);
+      const __m512 v0 = load_masked(values[i] + d, m);
       for (int g = 0; g < GB; ++g)
         even[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * kSpan + i]), v0, even[g]);
     }
@@ -144,25 +167,37 @@ void exp_inplace(float* x, int64_t n) {
   }
 }
 
+// dst = src rounded to float16 (to nearest even, as torch's .half()).
+void store_halves(const float* src, c10::Half* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i h = _mm512_cvtps_ph(_mm512_loadu_ps(src + i),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), h);
+  }
+  for (; i < n; ++i) dst[i] = c10::Half(src[i]);
+}
+
 #else  // portable fallback: loops the compiler vectorises on its own where it may
 
-template <int GB>
-void score_rows(const float* q, int64_t D, const float* const* keys, int64_t n, float* scores) {
+template <int GB, class T>
+void score_rows(const float* q, int64_t D, const T* const* keys, int64_t n, float* scores) {
   for (int64_t i = 0; i < n; ++i)
     for (int g = 0; g < GB; ++g) {
       float acc = 0.0f;
-      for (int64_t d = 0; d < D; ++d) acc += q[g * D + d] * keys[i][d];
+      for (int64_t d = 0; d < D; ++d) acc += q[g * D + d] * float(keys[i][d]);
       scores[g * kSpan + i] = acc;
     }
 }
 
-template <int GB>
-void accumulate_rows(const float* p, const float* const* values, int64_t n, int64_t Dv,
+template <int GB, class T>
+void accumulate_rows(const float* p, const T* const* values, int64_t n, int64_t Dv,
                      float* acc_out) {
   std::fill(acc_out, acc_out + GB * Dv, 0.0f);
   for (int64_t i = 0; i < n; ++i)
     for (int g = 0; g < GB; ++g)
-      for (int64_t d = 0; d < Dv; ++d) acc_out[g * Dv + d] += p[g * kSpan + i] * values[i][d];
+      for (int64_t d = 0; d < Dv; ++d)
+        acc_out[g * Dv + d] += p[g * kSpan + i] * float(values[i][d]);
 }
 
 void axpy(float alpha, const float* x, float* y, int64_t n) {
@@ -173,7 +208,18 @@ void exp_inplace(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
 }
 
+void store_halves(const float* src, c10::Half* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(src[i]);
+}
+
 #endif
+
+// A new key or value row into a pool of either type.
+void store_row(const float* src, float* dst, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(float));
+}
+
+void store_row(const float* src, c10::Half* dst, int64_t n) { store_halves(src, dst, n); }
 
 // Calls fn(std::integral_constant<int, GB>) for a runtime block of 1 <= gb <= kHeadBlock heads.
 template <class Fn>
@@ -188,13 +234,15 @@ void with_head_block(int64_t gb, Fn&& fn) {
 
 // Where a decode step reads: B sequences, each query [H, D] against its own positions of
 // [KVH, rows, D] keys and [KVH, rows, Dv] values. Position p of sequence b is row p, or with
-// block tables row block_tables[b][p / block_size] * block_size + p % block_size.
+// block tables row block_tables[b][p / block_size] * block_size + p % block_size. Keys and
+// values are of type T (float or c10::Half).
+template <class T>
 struct Batch {
   const float* q;
   int64_t q_seq_stride, q_head_stride;
-  const float* k;
+  const T* k;
   int64_t k_head_stride, k_row_stride;
-  const float* v;
+  const T* v;
   int64_t v_head_stride, v_row_stride;
   const int32_t* block_tables;  // [B, table_stride] or null
   int64_t table_stride, block_size;
@@ -217,11 +265,12 @@ struct Partial {
 
 // q_scaled [G, D] (contiguous, times the softmax scale); scores: scratch of G * kSpan floats;
 // rows: scratch of 2 * kSpan pointers.
-void attend_span(const Batch& batch, int64_t b, int64_t kv_head, int64_t begin, int64_t end,
-                 const float* q_scaled, float* scores, const float** rows, const Partial& out) {
+template <class T>
+void attend_span(const Batch<T>& batch, int64_t b, int64_t kv_head, int64_t begin, int64_t end,
+                 const float* q_scaled, float* scores, const T** rows, const Partial& out) {
   const int64_t G = batch.H / batch.KVH, D = batch.D, Dv = batch.Dv, n = end - begin;
-  const float** keys = rows;
-  const float** values = rows + kSpan;
+  const T** keys = rows;
+  const T** values = rows + kSpan;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t row = batch.row(b, begin + i);
     keys[i] = batch.k + kv_head * batch.k_head_stride + row * batch.k_row_stride;
@@ -229,7 +278,7 @@ void attend_span(const Batch& batch, int64_t b, int64_t kv_head, int64_t begin, 
   }
   for (int64_t g = 0; g < G; g += kHeadBlock) {
     with_head_block(std::min(kHeadBlock, G - g), [&](auto gb) {
-      score_rows<gb()>(q_scaled + g * D, D, keys, n, scores + g * kSpan);
+      score_rows<gb(), T>(q_scaled + g * D, D, keys, n, scores + g * kSpan);
     });
   }
   for (int64_t g = 0; g < G; ++g) {
@@ -244,13 +293,14 @@ void attend_span(const Batch& batch, int64_t b, int64_t kv_head, int64_t begin, 
   }
   for (int64_t g = 0; g < G; g += kHeadBlock) {
     with_head_block(std::min(kHeadBlock, G - g), [&](auto gb) {
-      accumulate_rows<gb()>(scores + g * kSpan, values, n, Dv, out.acc + g * Dv);
+      accumulate_rows<gb(), T>(scores + g * kSpan, values, n, Dv, out.acc + g * Dv);
     });
   }
 }
 
 // out [B, H, Dv] contiguous.
-void attend(const Batch& batch, float* out) {
+template <class T>
+void attend(const Batch<T>& batch, float* out) {
   const int64_t G = batch.H / batch.KVH, D = batch.D, Dv = batch.Dv, KVH = batch.KVH;
   std::vector<int64_t> span_seq, span_begin;  // every (sequence, span), sequences in order
   std::vector<int64_t> first_span(batch.B + 1);
@@ -274,7 +324,7 @@ void attend(const Batch& batch, float* out) {
 
   auto run_items = [&](int64_t first, int64_t last) {
     std::vector<float> q_scaled(G * D), scores(G * kSpan);
-    std::vector<const float*> rows(2 * kSpan);
+    std::vector<const T*> rows(2 * kSpan);
     for (int64_t item = first; item < last; ++item) {
       const int64_t span = item / KVH, kv_head = item % KVH, b = span_seq[span];
       for (int64_t g = 0; g < G; ++g) {
@@ -310,20 +360,46 @@ void attend(const Batch& batch, float* out) {
   }
 }
 
-void check_rows(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
-              t.scalar_type());
+void check_layout(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
   TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dims, got ", t.sizes());
   TORCH_CHECK(t.stride(-1) == 1 || t.size(-1) == 1, op, ": ", name,
               " must have unit stride in its last dim, got strides ", t.strides());
+}
+
+void check_rows(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+              t.scalar_type());
+  check_layout(t, op, name, dim);
+}
+
+// Cached keys and values [KVH, rows, D]: both float32 or both float16.
+void check_cached(const at::Tensor& keys, const at::Tensor& values, const char* op,
+                  const char* keys_name, const char* values_name) {
+  for (const auto& [t, name] : {std::pair{&keys, keys_name}, std::pair{&values, values_name}}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kHalf, op, ": ", name,
+                " must be float32 or float16, got ", t->scalar_type());
+    check_layout(*t, op, name, 3);
+  }
+  TORCH_CHECK(keys.scalar_type() == values.scalar_type(), op, ": ", keys_name, " and ",
+              values_name, " must have one dtype, got ", keys.scalar_type(), " and ",
+              values.scalar_type());
+}
+
+// Calls fn(T()) with T the element type of cached keys and values (checked by check_cached).
+template <class Fn>
+void with_cached_type(const at::Tensor& t, Fn&& fn) {
+  if (t.scalar_type() == at::kHalf) {
+    fn(c10::Half());
+  } else {
+    fn(float());
+  }
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                             double scale) {
   const char* op = "decode_attention";
   check_rows(q, op, "q", 2);
-  check_rows(keys, op, "keys", 3);
-  check_rows(values, op, "values", 3);
+  check_cached(keys, values, op, "keys", "values");
   const int64_t H = q.size(0), D = q.size(1), KVH = keys.size(0), L = keys.size(1);
   TORCH_CHECK(keys.size(2) == D, op, ": keys have head dim ", keys.size(2), ", q has ", D);
   TORCH_CHECK(values.size(0) == KVH && values.size(1) == L, op, ": values ", values.sizes(),
@@ -333,12 +409,34 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   TORCH_CHECK(L > 0, op, ": keys hold no positions");
   const int64_t Dv = values.size(2);
   at::Tensor out = at::empty({H, Dv}, q.options());
-  Batch batch{q.const_data_ptr<float>(), 0, q.stride(0),
-              keys.const_data_ptr<float>(), keys.stride(0), keys.stride(1),
-              values.const_data_ptr<float>(), values.stride(0), values.stride(1),
-              nullptr, 0, 1, &L, 1, H, KVH, D, Dv, float(scale)};
-  attend(batch, out.data_ptr<float>());
+  with_cached_type(keys, [&](auto tag) {
+    using T = decltype(tag);
+    Batch<T> batch{q.const_data_ptr<float>(), 0, q.stride(0),
+                   keys.const_data_ptr<T>(), keys.stride(0), keys.stride(1),
+                   values.const_data_ptr<T>(), values.stride(0), values.stride(1),
+                   nullptr, 0, 1, &L, 1, H, KVH, D, Dv, float(scale)};
+    attend(batch, out.data_ptr<float>());
+  });
   return out;
+}
+
+// Writes each sequence's new k, v [B, KVH, D] at its last position (lengths[b] - 1).
+template <class T>
+void store_new_rows(const Batch<T>& batch, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& pool_k, const at::Tensor& pool_v) {
+  T* pk = pool_k.data_ptr<T>();
+  T* pv = pool_v.data_ptr<T>();
+  const float* nk = k.const_data_ptr<float>();
+  const float* nv = v.const_data_ptr<float>();
+  for (int64_t b = 0; b < batch.B; ++b) {
+    const int64_t slot = batch.row(b, batch.lengths[b] - 1);
+    for (int64_t h = 0; h < batch.KVH; ++h) {
+      store_row(nk + b * k.stride(0) + h * k.stride(1),
+                pk + h * pool_k.stride(0) + slot * pool_k.stride(1), batch.D);
+      store_row(nv + b * v.stride(0) + h * v.stride(1),
+                pv + h * pool_v.stride(0) + slot * pool_v.stride(1), batch.Dv);
+    }
+  }
 }
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -349,8 +447,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, cons
   check_rows(q, op, "q", 3);
   check_rows(k, op, "k", 3);
   check_rows(v, op, "v", 3);
-  check_rows(pool_k, op, "pool_k", 3);
-  check_rows(pool_v, op, "pool_v", 3);
+  check_cached(pool_k, pool_v, op, "pool_k", "pool_v");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2, op,
               ": block_tables must be int32 [B, max_blocks], got ", block_tables.scalar_type(),
               " ", block_tables.sizes());
@@ -387,25 +484,16 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, cons
     }
   }
 
-  Batch batch{q.const_data_ptr<float>(), q.stride(0), q.stride(1),
-              pool_k.const_data_ptr<float>(), pool_k.stride(0), pool_k.stride(1),
-              pool_v.const_data_ptr<float>(), pool_v.stride(0), pool_v.stride(1),
-              table, max_blocks, block_size, len, B, H, KVH, D, Dv, float(scale)};
-  float* pk = pool_k.data_ptr<float>();
-  float* pv = pool_v.data_ptr<float>();
-  const float* nk = k.const_data_ptr<float>();
-  const float* nv = v.const_data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t slot = batch.row(b, len[b] - 1);
-    for (int64_t h = 0; h < KVH; ++h) {
-      std::memcpy(pk + h * pool_k.stride(0) + slot * pool_k.stride(1),
-                  nk + b * k.stride(0) + h * k.stride(1), D * sizeof(float));
-      std::memcpy(pv + h * pool_v.stride(0) + slot * pool_v.stride(1),
-                  nv + b * v.stride(0) + h * v.stride(1), Dv * sizeof(float));
-    }
-  }
   at::Tensor out = at::empty({B, H, Dv}, q.options());
-  attend(batch, out.data_ptr<float>());
+  with_cached_type(pool_k, [&](auto tag) {
+    using T = decltype(tag);
+    Batch<T> batch{q.const_data_ptr<float>(), q.stride(0), q.stride(1),
+                   pool_k.const_data_ptr<T>(), pool_k.stride(0), pool_k.stride(1),
+                   pool_v.const_data_ptr<T>(), pool_v.stride(0), pool_v.stride(1),
+                   table, max_blocks, block_size, len, B, H, KVH, D, Dv, float(scale)};
+    store_new_rows(batch, k, v, pool_k, pool_v);
+    attend(batch, out.data_ptr<float>());
+  });
   return out;
 }
 

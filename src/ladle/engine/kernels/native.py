@@ -11,15 +11,17 @@ turns the kernels off (`envconfig.native_kernels`).
 Once loaded, the operators are (all CPU, float32 in and out unless said):
 
     torch.ops.ladle_kernels.decode_attention(q, keys, values, scale)
-        q [H, D], keys [KVH, L, D], values [KVH, L, Dv] (unit stride in the last dim) ->
-        [H, Dv]: softmax(q k * scale) v over all L positions, query head h on kv head
-        h // (H // KVH).
+        q [H, D], keys [KVH, L, D], values [KVH, L, Dv] (unit stride in the last dim; keys and
+        values both float32 or both float16) -> [H, Dv]: softmax(q k * scale) v over all L
+        positions, query head h on kv head h // (H // KVH), summed in float32.
     torch.ops.ladle_kernels.paged_decode_attention(
             q, k, v, pool_k, pool_v, block_tables, lengths, block_size, scale)
         One decode step of B sequences over a paged pool: writes k, v [B, KVH, D] at position
         lengths[b] - 1 of pool_k, pool_v [KVH, num_slots, D] (slot = block * block_size +
         offset, through block_tables int32 [B, max_blocks]; lengths int64 [B] counts the new
         token), then returns [B, H, Dv]: each q [B, H, D] over its positions 0..lengths[b]-1.
+        The pools are both float32 or both float16; float16 pools get k, v rounded to nearest
+        (as `.half()` rounds) and are read widened to float32.
     torch.ops.ladle_kernels.half_linear(x, w)
         x [N, K] float32 contiguous, w [M, K] float16 contiguous -> [N, M] = x @ w.float().T.
 

@@ -7,7 +7,8 @@ call per sequence: on a CPU that beats padding them into one call (no wasted key
 Prefill runs through `scaled_dot_product_attention`; one decoded token runs through two
 batched matmuls (fewer calls than SDPA for a single query), or through the cache's own kernel
 when it has one (`AttentionCache.decode`: all sequences of a decode step in one call). Logit
-soft-capping (Gemma 2) needs the scores themselves, so it takes an explicit path.
+soft-capping (Gemma 2) needs the scores themselves, so it takes an explicit path. A cache may
+store keys and values narrower than the queries (float16): they are read in the queries' dtype.
 
 Attention is the one step of a forward that reads and writes state outside its tensors (the
 cache), so it is an operator of its own, `torch.ops.ladle.attention`, whose cache is set per
@@ -101,9 +102,12 @@ def _attend(
     (num_tokens, num_heads, head_dim), start = q.shape, segment.start
     keys, values = segment.keys, segment.values
     mask, is_causal = None, False
-    if num_tokens == 1:  # a decoded token sees every cached position, or the last `window`
-        if window is not None and keys.shape[1] > window:
-            keys, values = keys[:, -window:], values[:, -window:]
+    # a decoded token sees every cached position, or the last `window`
+    if num_tokens == 1 and window is not None and keys.shape[1] > window:
+        keys, values = keys[:, -window:], values[:, -window:]
+    # SDPA and the matmuls take one dtype: a float16 cache is widened (only what is read)
+    keys, values = keys.to(q.dtype), values.to(q.dtype)
+    if num_tokens == 1:
         if logit_softcap is None:
             return _decode(q[0], keys, values, scale).view(1, -1)
     elif start == 0 and (window is None or window >= num_tokens):

@@ -166,7 +166,8 @@ class CausalLM(CheckpointModule):
             return self.model.norm(self.model(input_ids, rope))
 
     def new_cache(self, dtype: torch.dtype, capacity: int = 256) -> KVCache:
-        """A cache for running one sequence on its own (the engine uses its paged pool)."""
+        """A cache for running one sequence on its own (the engine uses its paged pool), its
+        keys and values stored in `dtype` (the compute dtype, or a KV cache dtype)."""
         c = self.config
         assert c.num_key_value_heads is not None and c.head_dim is not None
         return KVCache(
@@ -179,6 +180,7 @@ class CausalLM(CheckpointModule):
         )
 
     def new_paged_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype) -> PagedKVCache:
+        """The engine's pool: `num_blocks` blocks per layer, keys and values stored in `dtype`."""
         c = self.config
         assert c.num_key_value_heads is not None and c.head_dim is not None
         return PagedKVCache(
