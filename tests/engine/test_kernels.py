@@ -265,7 +265,7 @@ def test_a_compile_error_is_a_warning_with_the_compiler_output(
 ) -> None:
     if shutil.which("g++") is None:
         pytest.skip("no g++ (the kernels came from the cache)")
-    for name in native._SOURCES:
+    for name in (*native._SOURCES, *native._HEADERS):
         (tmp_path / name).write_text("this is not C++\n")
     monkeypatch.setattr(native, "_source_dir", lambda: tmp_path)
     monkeypatch.setattr(native, "_cache_dir", lambda: tmp_path / "cache")

@@ -22,6 +22,7 @@ from ladle.engine.loading.gguf import read_gguf
 from ladle.engine.loading.weights import gguf_weights, safetensors_weights
 from ladle.engine.models import ARCHITECTURES
 from ladle.engine.quant.ggml import GGMLTensor
+from ladle.engine.quant.int4 import NativeInt4Weight
 from ladle.errors import ModelLoadError
 
 TINY = dict(
@@ -144,7 +145,8 @@ def test_gguf_through_int4_kernels_stays_close(reference, tiny_gguf) -> None:
     layer = model.model.layers[0]
     assert layer.mlp.gate_up_proj.int4 is not None  # Q4_0 gate + up, fused as raw blocks
     assert layer.self_attn.qkv_proj.int4 is None  # Q4_0 q/k with Q8_0 v: dense
-    # The int4 kernel takes bf16 activations and bf16 scales: measured 0.010 max abs diff.
+    # torch's int4 kernel (bf16 activations and scales): measured 0.010 max abs diff; ladle's
+    # (int16 activations, fp16 scales) is closer.
     reference.assert_matches_transformers(hf, model, atol=0.05)
 
 
@@ -181,13 +183,16 @@ def test_smollm2_dequantized_equals_transformers(smollm2) -> None:
 
 @pytest.mark.real_model
 def test_smollm2_int4_close_to_transformers(smollm2) -> None:
-    """Q4_1 weights run through the int4 kernel with bf16 activations, so logits differ a
-    little: measured 1.8% relative (Frobenius) error over the prompt, at most 7.1% at one
-    position, and the same top token everywhere. Bounds leave ~2x headroom."""
+    """Q4_1 weights run through an int4 kernel. ladle's (int16 activations) moves logits
+    by 0.07% relative (Frobenius) over the prompt, 0.23% at most at one position; torch's
+    (bf16 activations, without native kernels) by 1.8% and 7.1%. Both keep the top token
+    everywhere. Bounds leave 2-3x headroom."""
     gguf, config, ids, expected = smollm2
     model = ARCHITECTURES[config.architecture](config)
     model.load_weights(gguf_weights(gguf, config), torch.float32)
-    assert model.model.layers[0].self_attn.qkv_proj.int4 is not None
+    int4 = model.model.layers[0].self_attn.qkv_proj.int4
+    assert int4 is not None
+    bounds = (0.002, 0.007) if isinstance(int4, NativeInt4Weight) else (0.05, 0.15)
     cache = model.new_cache(torch.float32)
     with torch.inference_mode():
         prefill = model(ids[:-1], torch.arange(len(ids) - 1), cache)
@@ -196,8 +201,8 @@ def test_smollm2_int4_close_to_transformers(smollm2) -> None:
     relative = ((logits - expected).norm() / expected.norm()).item()
     per_position = ((logits - expected).norm(dim=-1) / expected.norm(dim=-1)).max().item()
     agreement = (logits.argmax(-1) == expected.argmax(-1)).float().mean().item()
-    assert relative < 0.05, relative
-    assert per_position < 0.15, per_position
+    assert relative < bounds[0], relative
+    assert per_position < bounds[1], per_position
     assert agreement >= 0.95, agreement
 
 

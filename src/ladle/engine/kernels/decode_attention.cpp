@@ -18,6 +18,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "parallel_items.h"
+
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif

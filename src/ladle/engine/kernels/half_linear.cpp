@@ -7,9 +7,10 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/FunctionRef.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+
+#include "parallel_items.h"
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -19,10 +20,6 @@
 #include <cstring>
 
 namespace ladle_kernels {
-
-// Defined in decode_attention.cpp: fn over [0, num_items) on torch's intra-op thread pool.
-void parallel_items(int64_t num_items, int64_t work,
-                    c10::function_ref<void(int64_t, int64_t)> fn);
 
 namespace {
 

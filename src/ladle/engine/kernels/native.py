@@ -24,6 +24,13 @@ Once loaded, the operators are (all CPU, float32 in and out unless said):
         (as `.half()` rounds) and are read widened to float32.
     torch.ops.ladle_kernels.half_linear(x, w)
         x [N, K] float32 contiguous, w [M, K] float16 contiguous -> [N, M] = x @ w.float().T.
+    torch.ops.ladle_kernels.int4_linear(x, q, scales)
+        x [N, K] float32 contiguous, a 4-bit weight in `quant/int4.py`'s `NativeInt4Weight`
+        layout (q uint8 [M / 16, K / 2, 16], scales float16 [M / 16, K / 32, 2, 16]) ->
+        [N, M] = x @ w.T, x quantized to int16 per group of 32 on the way in.
+    torch.ops.ladle_kernels.int8_linear(x, q, scales)
+        The same for Q8_0 (`quant/int8.py`'s `NativeInt8Weight`: q int8 [M / 16, K / 2, 32],
+        scales float16 [M / 16, K / 32, 16]).
 
 They run on torch's intra-op threads (`torch.set_num_threads`), with results that do not
 depend on their number, and each has a fake kernel, so `torch.compile(fullgraph=True)` traces
@@ -38,7 +45,9 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +58,8 @@ from ladle import envconfig
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("decode_attention.cpp", "half_linear.cpp")
+_SOURCES = ("decode_attention.cpp", "half_linear.cpp", "quant_linear.cpp")
+_HEADERS = ("parallel_items.h",)
 _LIBRARY_NAME = "ladle_kernels.so"
 _COMPILER = "g++"
 # -fopenmp is left out on purpose: parallel work runs on torch's own pool (decode_attention.cpp).
@@ -125,7 +135,7 @@ def _source_dir() -> Path:
 
 def _build_hash() -> str:
     digest = hashlib.sha256()
-    for name in _SOURCES:
+    for name in (*_SOURCES, *_HEADERS):
         digest.update((_source_dir() / name).read_bytes())
     for part in (torch.__version__, " ".join(_FLAGS), _cpu_flags()):
         digest.update(part.encode())
@@ -145,40 +155,47 @@ def _cpu_flags() -> str:
 
 
 def _build(path: Path) -> str | None:
-    """Compile the library to `path`; None on success, else why it could not."""
+    """Compile the library to `path`; None on success, else why it could not.
+
+    Each source compiles in its own process (they take 5-15 s each), then one link.
+    """
     compiler = shutil.which(_COMPILER)
     if compiler is None:
         return f"no {_COMPILER} on PATH to build them"
     torch_lib = Path(torch.__file__).resolve().parent / "lib"
-    # a temporary name in the same folder, renamed when complete: a process building at the
-    # same time, or one that loads while this one builds, never sees a partial file
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    command = [
-        compiler,
+    compile_flags = [
         *_FLAGS,
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         *(f"-isystem{include}" for include in cpp_extension.include_paths()),
-        *(str(_source_dir() / name) for name in _SOURCES),
-        "-o",
-        str(tmp),
-        f"-L{torch_lib}",
-        "-lc10",
-        "-ltorch_cpu",
-        "-ltorch",
-        f"-Wl,-rpath,{torch_lib}",
     ]
     logger.info("building native kernels into %s (up to a minute, once)", path.parent)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run(command, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
-        if result.returncode != 0:
-            return "the build failed:\n" + (result.stderr or result.stdout)[-_ERROR_TAIL_CHARS:]
-        os.replace(tmp, path)
+        # temporary names in the same folder, the library renamed when complete: a process
+        # building at the same time, or one that loads while this one builds, never sees a
+        # partial file
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as work:
+            objects = [Path(work) / f"{Path(name).stem}.o" for name in _SOURCES]
+            compiles = [
+                [compiler, *compile_flags, "-c", str(_source_dir() / name), "-o", str(obj)]
+                for name, obj in zip(_SOURCES, objects, strict=True)
+            ]
+            tmp = Path(work) / _LIBRARY_NAME
+            link = [compiler, *_FLAGS, *map(str, objects), "-o", str(tmp), f"-L{torch_lib}"]
+            link += ["-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{torch_lib}"]
+            with ThreadPoolExecutor(len(compiles)) as pool:
+                results = list(pool.map(_run, compiles))
+            failed = next((r for r in results if r.returncode != 0), None) or _run(link)
+            if failed.returncode != 0:
+                return "the build failed:\n" + (failed.stderr or failed.stdout)[-_ERROR_TAIL_CHARS:]
+            os.replace(tmp, path)
     except (OSError, subprocess.TimeoutExpired) as exc:  # an unwritable cache, a killed compiler
         return f"the build failed: {exc}"
-    finally:
-        tmp.unlink(missing_ok=True)
     return None
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
 
 
 def _register_fakes() -> None:
@@ -205,3 +222,9 @@ def _register_fakes() -> None:
     @torch.library.register_fake("ladle_kernels::half_linear")
     def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], w.shape[0])
+
+    def quant_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], q.shape[0] * 16)  # 16 output columns per block
+
+    for name in ("int4_linear", "int8_linear"):
+        torch.library.register_fake(f"ladle_kernels::{name}", quant_linear)

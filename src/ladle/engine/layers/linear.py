@@ -3,9 +3,11 @@
 A `Linear` is built empty and filled by `load_weight`, which first quantizes the weight when
 the layer has an ISQ spec (`quant/isq.py`); the weight's format picks the kernel, and the
 forward is one kernel call:
-- Q4_0 / Q4_1 / Q4_K (GGML, group 32) and HQQ4 (group 64): torch's CPU int4 kernel, without
-  re-quantizing (`quant/int4.py`).
-- Q8_0: torch's `_weight_int8pack_mm` (`quant/int8.py`; per-row scales, so re-rounded).
+- Q4_0 / Q4_1 / Q4_K (GGML, group 32) and HQQ4 (group 64): ladle's int4 kernel (int16
+  activations, VNNI) when the native kernels load, else torch's CPU int4 kernel; the weight
+  is never re-quantized (`quant/int4.py`).
+- Q8_0: ladle's int8 kernel on the file's values when the native kernels load, else torch's
+  `_weight_int8pack_mm` (`quant/int8.py`; per-row scales, so re-rounded).
 - F16 / BF16 GGML weights: kept in that dtype, the activations cast to it.
 - Q5_K, Q6_K, HQQ8, other GGML types and safetensors tensors: decoded once to the compute
   dtype (or the layer's `storage_dtype`). No torch CPU kernel takes 5- or 6-bit values or
@@ -42,17 +44,25 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
+from ladle.engine.kernels import native
 from ladle.engine.quant.calibration import ActivationStats
 from ladle.engine.quant.ggml import GGMLTensor
 from ladle.engine.quant.hqq import HQQWeight
 from ladle.engine.quant.int4 import (
     Int4Weight,
+    NativeInt4Weight,
     can_pack_int4,
     fits_int4_kernel,
     pack_affine4,
     pack_int4,
 )
-from ladle.engine.quant.int8 import Int8Weight, pack_int8
+from ladle.engine.quant.int8 import (
+    Int8Weight,
+    NativeInt8Weight,
+    can_pack_native8,
+    pack_int8,
+    pack_native8,
+)
 from ladle.engine.quant.isq import LayerIsq
 from ladle.errors import ModelLoadError
 
@@ -91,8 +101,8 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.storage_dtype = storage_dtype  # a dense weight kept in this dtype, not the compute one
         self.weight: torch.Tensor | None = None
-        self.int4: Int4Weight | None = None
-        self.int8: Int8Weight | None = None
+        self.int4: Int4Weight | NativeInt4Weight | None = None
+        self.int8: Int8Weight | NativeInt8Weight | None = None
         self.bias: torch.Tensor | None = None
         self.has_bias = bias
         self._calibration: ActivationStats | None = None
@@ -125,6 +135,8 @@ class Linear(nn.Module):
             self.int4 = pack_affine4(weight.q, scale_k, zero_k, weight.group_size)
         elif self._dense_only():
             self._load_dense(weight, dtype)
+        elif isinstance(weight, GGMLTensor) and can_pack_native8(weight) and native.load():
+            self.int8 = pack_native8(weight)
         elif isinstance(weight, GGMLTensor) and weight.ggml_type == GGMLQuantizationType.Q8_0:
             self.int8 = pack_int8(weight.dequantize())
         elif isinstance(weight, GGMLTensor) and weight.ggml_type in _KEPT_DTYPES:
@@ -185,8 +197,8 @@ class Linear(nn.Module):
         """The resident weight as fp32 `[out, in]`, whatever its form (for re-quantizing).
 
         Packed forms are read back through their own kernel on an identity matrix, so what
-        comes out is exactly what the forward multiplies by (int8 activations of 0 and 1 are
-        exact); a slice of rows at a time keeps the temporary small.
+        comes out is what the forward multiplies by (activations of 0 and 1 are exact in the
+        kernels' int8, int16 and bf16); a slice of rows at a time keeps the temporary small.
         """
         if self.weight is not None:
             return self.weight.detach().float()

@@ -1,4 +1,12 @@
-"""GGML 4-bit blocks repacked for torch's CPU int4 kernel, without re-quantizing.
+"""GGML 4-bit blocks repacked for a CPU int4 kernel, without re-quantizing.
+
+Two kernels take them, chosen when the weight is packed:
+- ladle's own `ladle_kernels::int4_linear` (`kernels/quant_linear.cpp`) when the native
+  kernels are available: float32 activations quantized to int16 per group of 32 as they enter,
+  integer dot products with AVX-512 VNNI, scales and zeros in fp16. Against torch's kernel on
+  SmolLM2's shapes (2 cores): 2-2.5x faster at 1 and 8 rows, 2x at 512 rows; max error 2e-5
+  of the output's scale where torch's (bf16 activations) is 4e-3.
+- torch's `_weight_int4pack_mm_for_cpu` otherwise, described below.
 
 torch's `_weight_int4pack_mm_for_cpu` computes `w = (q - 8) * scale + zero` per group of 32
 input channels, with `scales_and_zeros` shaped `[in_features / 32, out_features, 2]`. GGML's
@@ -24,6 +32,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
+from ladle.engine.kernels import native
 from ladle.engine.quant.ggml import GGMLTensor
 
 GROUP_SIZE = 32
@@ -48,6 +57,22 @@ class Int4Weight:
         return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
 
 
+@dataclass(slots=True)
+class NativeInt4Weight:
+    """The groups in `int4_linear`'s layout: per block of 16 output columns, 2 k per byte."""
+
+    q: torch.Tensor  # uint8 [out / 16, in / 2, 16]: byte j of pair p holds column j's
+    # k = 2p (low nibble) and 2p + 1 (high nibble)
+    scales: torch.Tensor  # fp16 [out / 16, in / 32, 2, 16]: w = q * scale + zero, per column
+    group_size: int = GROUP_SIZE  # the source's group (HQQ4: 64, stored as two of 32)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float().contiguous()
+        y = torch.ops.ladle_kernels.int4_linear(x2, self.q, self.scales)
+        return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
+
+
 def can_pack_int4(weight: GGMLTensor) -> bool:
     return (
         weight.ggml_type in _UNPACKERS
@@ -66,16 +91,45 @@ def unpack_int4(weight: GGMLTensor) -> Affine4:
     return _UNPACKERS[weight.ggml_type](weight.data.reshape(n, -1), n, k)
 
 
-def pack_int4(weight: GGMLTensor) -> Int4Weight:
-    """Repack a Q4_0 / Q4_1 / Q4_K weight's nibbles and block constants for the int4 kernel."""
+def pack_int4(weight: GGMLTensor) -> Int4Weight | NativeInt4Weight:
+    """Repack a Q4_0 / Q4_1 / Q4_K weight's nibbles and block constants for an int4 kernel."""
     q, scale, zero = (torch.from_numpy(a) for a in unpack_int4(weight))
     return pack_affine4(q, scale, zero, GROUP_SIZE)
 
 
 def pack_affine4(
     q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
+) -> Int4Weight | NativeInt4Weight:
+    """Pack `w = (q - 8) * scale + zero` (q [n, k] in 0..15; scale, zero [n, k / group]).
+
+    The native kernel's layout when the kernels load (the first call may build them), else
+    torch's; the choice is made once here, so a layer's numerics never change under it.
+    """
+    if native.load():
+        return pack_native4(q, scale, zero, group_size)
+    return pack_torch4(q, scale, zero, group_size)
+
+
+def pack_native4(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
+) -> NativeInt4Weight:
+    """`pack_affine4` for `int4_linear`: nibbles in pairs per column, `q * s + (zero - 8 s)`."""
+    n, k = q.shape
+    if group_size != GROUP_SIZE:  # each larger group becomes several groups of 32
+        scale = scale.repeat_interleave(group_size // GROUP_SIZE, dim=1)
+        zero = zero.repeat_interleave(group_size // GROUP_SIZE, dim=1)
+    pairs = q.to(torch.uint8).reshape(n // 16, 16, k // 2, 2).transpose(1, 2)
+    packed = pairs[..., 0] | (pairs[..., 1] << 4)  # [n / 16, k / 2, 16]
+    offset = zero.double() - 8.0 * scale.double()
+    columns = [t.reshape(n // 16, 16, k // GROUP_SIZE).transpose(1, 2) for t in (scale, offset)]
+    scales = torch.stack(columns, dim=2).to(torch.float16)
+    return NativeInt4Weight(packed.contiguous(), scales.contiguous(), group_size)
+
+
+def pack_torch4(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
 ) -> Int4Weight:
-    """Pack `w = (q - 8) * scale + zero` (q [n, k] in 0..15; scale, zero [n, k / group])."""
+    """`pack_affine4` for torch's `_weight_int4pack_mm_for_cpu`."""
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
     sz = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # [k / group, n, 2]
     return Int4Weight(packed, sz.to(torch.bfloat16).contiguous(), group_size)
