@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,9 @@ from ladle import TextModelBuilder
 PROMPT = "List two animals."
 
 
-def ladle(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def ladle(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "ladle", "run", *args],
         capture_output=True,
@@ -22,6 +26,7 @@ def ladle(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[s
         input=stdin,
         timeout=300,
         check=False,
+        env=env,
     )
 
 
@@ -61,6 +66,23 @@ def test_run_prints_only_the_deterministic_reply(
     assert first.returncode == 0, first.stderr
     assert first.stdout == expected["chat"] + "\n"
     assert ladle(*args).stdout == first.stdout
+
+
+def test_a_first_run_says_it_builds_the_kernels(
+    smollm2_path: Path, expected: dict[str, str], tmp_path: Path
+) -> None:
+    """With an empty kernel cache the load builds them (about half a minute) and says so."""
+    if shutil.which("g++") is None or os.environ.get("LADLE_NATIVE_KERNELS") == "0":
+        pytest.skip("no kernels to build here")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    args = (str(smollm2_path), PROMPT, "--temperature", "0", "--max-tokens", "10")
+    first = ladle(*args, "--system", "Be brief.", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "building native kernels" in first.stderr
+    assert first.stdout == expected["chat"] + "\n"
+    assert list((tmp_path / "ladle" / "kernels").rglob("ladle_kernels.so"))
+    again = ladle(*args, "--system", "Be brief.", env=env)
+    assert "building native kernels" not in again.stderr  # built once, loaded since
 
 
 def test_raw_completes_without_template(smollm2_path: Path, expected: dict[str, str]) -> None:

@@ -17,6 +17,14 @@ def test_greedy_picks_argmax() -> None:
     assert draws(SamplingParams(temperature=0.0), logits, seed=0, n=3) == [1, 1, 1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_takes_the_first_maximum_in_any_dtype(dtype: torch.dtype) -> None:
+    logits = torch.tensor([0.5, 2.0, -1.0, 2.0, 1.0], dtype=dtype)
+    assert Sampler(SamplingParams(temperature=0.0), [], 0).sample(logits) == 1
+    strided = torch.tensor([[0.0, 3.0], [1.0, 0.0], [3.0, 5.0]], dtype=dtype)[:, 0]  # a column
+    assert Sampler(SamplingParams(temperature=0.0), [], 0).sample(strided) == 2
+
+
 def test_same_seed_same_draws_and_other_seed_differs() -> None:
     logits = torch.randn(1000, generator=torch.Generator().manual_seed(1))
     params = SamplingParams(temperature=1.5)

@@ -13,6 +13,7 @@ ladle quantize SRC --type T --out F.gguf       write a quantized GGUF file (quan
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from ladle.cli.models import add_cache, add_model
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         (getattr(args, "group_parser", None) or parser).print_help()
         return 2
+    if args.command != "serve":  # serve logs everything its own way
+        _show_kernel_builds()
     try:
         return int(args.func(args))
     except (LadleError, OSError) as e:
@@ -37,6 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+
+
+def _show_kernel_builds() -> None:
+    """Say so when a model load builds the native kernels (once per machine, half a minute),
+    rather than seem to hang."""
+    log = logging.getLogger("ladle.engine.kernels.native")
+    if not log.handlers and not logging.getLogger().handlers:  # else logging is configured
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 def _parser() -> argparse.ArgumentParser:
