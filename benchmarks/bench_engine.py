@@ -59,7 +59,7 @@ def run_ladle(model: str, threads: int) -> dict[str, float]:
 
     torch.set_num_threads(threads)
     m = TextModelBuilder(model).build()
-    m.wait_until_compiled(COMPILE_TIMEOUT)  # measured as served once compiled (LADLE_COMPILE)
+    m.wait_until_compiled(COMPILE_TIMEOUT)  # a model that compiles is measured compiled
     ids = m.tokenize(prompt_text())
     request = {"prompt": ids, "max_tokens": DECODE_TOKENS, "temperature": 0.0}
     # warm-up on the prompt reversed: the same shapes, but nothing for the prefix cache to reuse

@@ -305,12 +305,13 @@ def running(server: Server, log: Path) -> Iterator[int]:
 
 
 def wait_until_compiled(base_url: str) -> None:
-    """ladle compiles its step in the background: measure it once that serves (a minute or
-    three; /metrics says when)."""
+    """A model that ladle compiles (one the native layer kernels cannot run, or with
+    LADLE_COMPILE=1) is measured once its compiled step serves (a minute or three; /metrics
+    says when); one that runs on the kernels never compiles."""
     deadline = time.monotonic() + COMPILE_TIMEOUT
     while time.monotonic() < deadline:
         text = httpx.get(base_url + "/metrics", timeout=5.0).text
-        if re.search(r"^ladle_model_compiled\{.*\} 1$", text, re.MULTILINE):
+        if re.search(r"^ladle_model_compiling\{.*\} 0$", text, re.MULTILINE):
             return
         time.sleep(1.0)
     raise RuntimeError(f"ladle did not finish compiling in {COMPILE_TIMEOUT} s")

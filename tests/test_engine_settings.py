@@ -12,6 +12,7 @@ import torch
 from ladle import GgufModelBuilder
 from ladle.cli import main
 from ladle.cli import serve as serve_cli
+from ladle.engine.engine import EngineConfig, LLMEngine
 from ladle.errors import ContextLengthError, InvalidRequestError
 from ladle.model import Model
 from ladle.server.app import ServerSettings
@@ -84,3 +85,25 @@ def test_serve_passes_the_kv_cache_dtype_on(
     monkeypatch.setattr("signal.signal", lambda *args: None)  # leave pytest's SIGTERM be
     assert main(["serve", *argv]) == 0
     assert [s.kv_cache_dtype for s in settings] == [expected]
+
+
+def test_a_model_on_the_native_layer_kernels_does_not_compile_by_default(
+    smollm2_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`LADLE_COMPILE` unset (auto): SmolLM2's layers all run on the native layer ops, so no
+    compile starts; the same model computing in bfloat16, which those ops do not take, would
+    compile."""
+    monkeypatch.delenv("LADLE_COMPILE")
+    with GgufModelBuilder(smollm2_path).build() as model:
+        engine = model._core.engine
+        if not engine.model.use_kernels:
+            pytest.skip("native kernels unavailable")
+        assert engine.model.runs_on_kernels()
+        assert engine.compiler is None
+        assert model.engine_stats().compile_status == "off"
+        assert model.wait_until_compiled(0) is False
+        bf16 = LLMEngine(
+            engine.model, engine.tokenizer, EngineConfig(64, torch.bfloat16, compile=None)
+        )
+        assert bf16.compiler is not None  # built, not started: the engine never served
+        bf16.close()

@@ -7,7 +7,8 @@
     LADLE_HF_TOKEN      a hub token for gated models (else HF_TOKEN)
     LADLE_API_KEY       the Bearer key the service requires; how `ladle service start` hands
                         it to the process it spawns (never on the command line)
-    LADLE_COMPILE       0 turns off compiling text models' steps in the background (default 1)
+    LADLE_COMPILE       1 compiles text models' steps in the background, 0 never; unset
+                        (auto): only models the native layer kernels cannot run
     LADLE_NATIVE_KERNELS  0 turns off building and using the C++ kernels (default 1)
 
 Each is read when asked for, not at import, so a test or a long-running service sees a change.
@@ -55,9 +56,13 @@ def api_key() -> str | None:
     return os.environ.get(API_KEY_VAR) or None
 
 
-def compile_models() -> bool:
-    """`LADLE_COMPILE`: whether text models compile their step (on unless 0/false/no/off)."""
-    return os.environ.get("LADLE_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
+def compile_models() -> bool | None:
+    """`LADLE_COMPILE`: whether text models compile their step: 0/false/no/off never,
+    1/true/yes/on always, unset or `auto` when the native layer kernels cannot run them."""
+    raw = os.environ.get("LADLE_COMPILE", "auto").strip().lower()
+    if raw in ("0", "false", "no", "off"):
+        return False
+    return None if raw in ("", "auto") else True
 
 
 def native_kernels() -> bool:

@@ -157,7 +157,7 @@ class ModelCore:
         max_num_seqs: int,
         max_seq_len: int | None,
         kv_cache_tokens: int | None = None,
-        compile: bool = False,
+        compile: bool | None = False,
         kv_cache_dtype: torch.dtype = DEFAULT_KV_CACHE_DTYPE,
     ) -> None:
         self.loaded = loaded
@@ -189,7 +189,7 @@ class ModelCore:
         max_num_seqs: int,
         max_seq_len: int | None,
         kv_cache_tokens: int | None = None,
-        compile: bool = False,
+        compile: bool | None = False,
         kv_cache_dtype: torch.dtype = DEFAULT_KV_CACHE_DTYPE,
     ) -> ModelCore:
         """Load the model on a new thread, which then runs its engine; wait until loaded."""

@@ -5,7 +5,9 @@ sums differs, so outputs (weighted means of unit-normal values) agree within 1e-
 keys and values the reference attends the same float16 values widened to float32 (the kernel
 widens them exactly, and sums in float32), so the tolerance stays 1e-5. `half_linear`
 is compared with `x @ w.float().T`: both accumulate K float32 products of size about 1, so the
-tolerance is 1e-4 times sqrt(K), the size of an output.
+tolerance is 1e-4 times sqrt(K), the size of an output. The row ops (RMSNorm, SiLU) differ from
+torch's only in the order of a row's sum or in an exp polynomial: 1e-6 relative; the rotary
+does torch's products and sums exactly.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ladle.engine.kernels import native
+from ladle.engine.layers.rotary import RotaryEmbedding, apply_rotary
 
 if not native.load():
     pytest.skip(
@@ -173,9 +176,72 @@ def test_half_linear_matches_float_matmul(
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-4 * in_features**0.5)
 
 
+@pytest.mark.parametrize("shape", [(1, 576), (37, 100), (5, 3, 64)])
+def test_rms_norm_matches_torch(shape: tuple[int, ...]) -> None:
+    """Sums of squares in another order: within a few float32 ulps of the output."""
+    torch.manual_seed(0)
+    x, w = torch.randn(shape) * 3, torch.randn(shape[-1])
+    torch.testing.assert_close(
+        ops.rms_norm(x, w, 1e-5), F.rms_norm(x, (shape[-1],), w, 1e-5), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_rms_norm_reads_strided_heads() -> None:
+    """Qwen 3's per-head norms run on `[T, heads, D]` views into a wider projection."""
+    torch.manual_seed(0)
+    qkv, w = torch.randn(4, 160), torch.randn(16)
+    heads = qkv[:, 32:96].view(4, 4, 16)
+    expected = F.rms_norm(heads.contiguous(), (16,), w, 1e-6)
+    torch.testing.assert_close(ops.rms_norm(heads, w, 1e-6), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("head_dim", "rotary_dim"), [(64, 64), (96, 32)])
+def test_rotary_equals_the_torch_path_bit_for_bit(head_dim: int, rotary_dim: int) -> None:
+    """The same products and sums as `apply_rotary`'s torch ops, on a strided view of q|k."""
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(head_dim, 10000.0, partial_rotary_factor=rotary_dim / head_dim)
+    cos, sin = rope(torch.arange(7, 14), 14, torch.float32)
+    qkv = torch.randn(7, 8 * head_dim)
+    qk = qkv[:, : 6 * head_dim].view(7, 6, head_dim)
+    assert torch.equal(ops.rotary(qk, cos, sin), apply_rotary(qk, cos, sin))
+
+
+@pytest.mark.parametrize("shape", [(1, 3072), (9, 40)])
+def test_silu_mul_matches_torch(shape: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(shape) * 4
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(ops.silu_mul(x), F.silu(gate) * up, rtol=1e-6, atol=1e-6)
+
+
+def test_row_ops_do_not_depend_on_the_thread_count() -> None:
+    torch.manual_seed(0)
+    x, w = torch.randn(600, 576), torch.randn(576)
+    cos, sin = RotaryEmbedding(64, 10000.0)(torch.arange(600), 600, torch.float32)
+    before = torch.get_num_threads()
+    outputs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            heads = x[:, :512].view(600, 8, 64)
+            outputs.append((ops.rms_norm(x, w, 1e-5), ops.rotary(heads, cos, sin), ops.silu_mul(x)))
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*outputs, strict=True):
+        assert torch.equal(one, two)
+    # and a row alone is the row in the batch
+    assert torch.equal(ops.rms_norm(x[5:6], w, 1e-5), outputs[0][0][5:6])
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
+        (lambda: ops.rms_norm(torch.randn(2, 8).double(), torch.randn(8), 1e-6), "x must be"),
+        (lambda: ops.rms_norm(torch.randn(8, 2).T, torch.randn(8), 1e-6), "last dimension"),
+        (lambda: ops.rms_norm(torch.randn(2, 8), torch.randn(7), 1e-6), "w must be"),
+        (lambda: ops.rotary(torch.randn(2, 3, 8), *_rope(2, 10)), "at most head_dim 8"),
+        (lambda: ops.rotary(torch.randn(2, 3, 8), *_rope(3, 8)), "cos and sin must"),
+        (lambda: ops.silu_mul(torch.randn(2, 7)), "must be even"),
         (lambda: ops.half_linear(torch.randn(2, 8).double(), torch.randn(4, 8).half()), "x must"),
         (lambda: ops.half_linear(torch.randn(2, 8), torch.randn(4, 8)), "w must be float16"),
         (lambda: ops.half_linear(torch.randn(8, 2).T, torch.randn(4, 8).half()), "x must"),
@@ -200,6 +266,10 @@ def test_half_linear_matches_float_matmul(
 def test_bad_inputs_raise_naming_the_argument(call: Callable[[], object], message: str) -> None:
     with pytest.raises(RuntimeError, match=re.escape(message)):
         call()
+
+
+def _rope(num_tokens: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return RotaryEmbedding(dim, 10000.0)(torch.arange(num_tokens), num_tokens, torch.float32)
 
 
 def _kv(

@@ -46,7 +46,7 @@ def small(smollm2_path: Path) -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def compiled(small: LoadedModel) -> Iterator[StepCompiler]:
-    compiler = StepCompiler(small.model, small.dtype, None)
+    compiler = StepCompiler(small.model, small.dtype)
     compiler.start()
     assert compiler.wait(COMPILE_TIMEOUT), compiler.status
     yield compiler

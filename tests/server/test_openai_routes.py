@@ -195,6 +195,7 @@ def test_metrics_count_requests_tokens_and_latency(http: httpx.Client) -> None:
     assert re.search(rf'ladle_kv_cache_blocks\{{model="{MODEL}"\}} [1-9]', text)
     assert f'ladle_sequences_waiting{{model="{MODEL}"}} 0' in text
     assert f'ladle_model_compiled{{model="{MODEL}"}} 0' in text  # the tests run eagerly
+    assert f'ladle_model_compiling{{model="{MODEL}"}} 0' in text
 
 
 def _in_flight(http: httpx.Client) -> int:

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import torch
 
 from ladle.engine.block_manager import BlockManager
-from ladle.engine.kv_cache import DEFAULT_KV_CACHE_DTYPE
+from ladle.engine.kv_cache import DEFAULT_KV_CACHE_DTYPE, KERNEL_KV_DTYPES
 from ladle.engine.loading.tokenizer import Tokenizer
 from ladle.engine.model_runner import ModelRunner
 from ladle.engine.models.base import CausalLM
@@ -44,7 +44,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # tokens per step; long prompts are prefilled in chunks
     kv_cache_tokens: int | None = None  # KV budget shared by all sequences (max_seq_len)
     block_size: int = 16
-    compile: bool = False  # compile the step in the background (`step_compiler.py`)
+    # compile the step in the background (`step_compiler.py`); None: unless it runs on kernels
+    compile: bool | None = False
     kv_cache_dtype: torch.dtype = DEFAULT_KV_CACHE_DTYPE  # what K/V are stored in (`kv_cache.py`)
 
     def __post_init__(self) -> None:
@@ -89,12 +90,15 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks
         )
-        self.runner = ModelRunner(
-            model, model.new_paged_cache(num_blocks, config.block_size, config.kv_cache_dtype)
-        )
+        cache = model.new_paged_cache(num_blocks, config.block_size, config.kv_cache_dtype)
+        # the paged kernels take float32 queries over float32 or float16 pools
+        cache.use_kernels = model.use_kernels and config.dtype == torch.float32
+        cache.use_kernels &= config.kv_cache_dtype in KERNEL_KV_DTYPES
+        self.runner = ModelRunner(model, cache)
         self.compiler: StepCompiler | None = None
-        if config.compile:
-            self.compiler = StepCompiler(model, config.dtype, self.runner.cache)
+        runs_on_kernels = config.dtype == torch.float32 and model.runs_on_kernels()
+        if config.compile or (config.compile is None and not runs_on_kernels):
+            self.compiler = StepCompiler(model, config.dtype)
         self._new: deque[RequestHandle] = deque()
         self._jobs: deque[tuple[Future[Any], Callable[[], Any]]] = deque()
         self._aborted: list[Sequence] = []

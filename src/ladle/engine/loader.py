@@ -11,12 +11,13 @@ import contextlib
 import ctypes
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ladle.engine.kernels import native
 from ladle.engine.layers.embedding import LMHead
 from ladle.engine.layers.linear import Linear
 from ladle.engine.loading.config import ModelConfig
@@ -73,13 +74,18 @@ def load_model(
     return loaded
 
 
-def _trimming(weights: Iterable[tuple[str, Weight]]) -> Iterable[tuple[str, Weight]]:
-    """The weights, handing freed temporaries back to the OS every few tensors, so that
-    loading peaks near the model's own size rather than the sum of its temporaries."""
+def _trimming(
+    weights: Iterable[tuple[str, Weight]], release: Callable[[], None] | None
+) -> Iterable[tuple[str, Weight]]:
+    """The weights, handing freed temporaries (and the source's pages read so far, through
+    `release`) back to the OS every few tensors, so that loading peaks near the model's own
+    size rather than the sum of its temporaries and its file."""
     for i, item in enumerate(weights, 1):
         yield item
         if i % _TRIM_EVERY == 0:
             release_free_memory()
+            if release is not None:
+                release()
 
 
 _TRIM_EVERY = 8
@@ -113,15 +119,21 @@ def load_checkpoint(
     dtype: torch.dtype,
     path: Path,
     isq: IsqSpec | None = None,
+    release: Callable[[], None] | None = None,
 ) -> None:
-    """Load (quantizing linear layers to `isq`), naming the file in errors about a tensor."""
+    """Load (quantizing linear layers to `isq`), naming the file in errors about a tensor.
+
+    `release` drops the pages of a mapped source that have been read (`GGUFFile`).
+    """
     assign_isq(model, isq)
     try:
-        model.load_weights(_trimming(weights), dtype)
+        model.load_weights(_trimming(weights, release), dtype)
     except ModelLoadError as e:
         if e.path.startswith(str(path)):
             raise
         raise type(e)(path, f"{e.path}: {e.reason}") from e
+    if native.load():  # already loaded by layers that packed weights for the kernels
+        model.use_native_kernels()
 
 
 IsqRequest = tuple[str, str | Path | None] | None  # (ISQ type, importance matrix file)
@@ -177,11 +189,14 @@ def assign_isq(model: CheckpointModule, spec: IsqSpec | None) -> None:
 def reload_model(loaded: LoadedModel, isq: IsqSpec) -> CausalLM:
     """A second copy of `loaded`'s model, read again from its source file, quantized to `isq`."""
     model = _build(loaded.config, loaded.path)
+    release = None
     if loaded.file_format == "gguf":
-        weights: Iterable[tuple[str, Weight]] = gguf_weights(read_gguf(loaded.path), loaded.config)
+        gguf = read_gguf(loaded.path)
+        weights: Iterable[tuple[str, Weight]] = gguf_weights(gguf, loaded.config)
+        release = gguf.release_pages
     else:
         weights = safetensors_weights(loaded.path)
-    load_checkpoint(model, weights, loaded.dtype, loaded.path, isq)
+    load_checkpoint(model, weights, loaded.dtype, loaded.path, isq, release)
     return model.eval()
 
 
@@ -190,7 +205,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, request: IsqRequest = None) -> Lo
     config = ModelConfig.from_gguf(gguf)
     model = _build(config, path)
     isq = isq_spec(request, config.architecture)
-    load_checkpoint(model, gguf_weights(gguf, config), dtype, path, isq)
+    load_checkpoint(model, gguf_weights(gguf, config), dtype, path, isq, gguf.release_pages)
     tokenizer = Tokenizer.from_gguf(gguf.metadata, path)
     return LoadedModel(model.eval(), tokenizer, config, path, dtype, "gguf", isq)
 

@@ -31,13 +31,10 @@ from collections.abc import Callable
 
 import torch
 
-from ladle.engine.kernels import native
-from ladle.engine.kv_cache import KERNEL_KV_DTYPES
 from ladle.engine.layers.attention import attention_cache
 from ladle.engine.layers.linear import Linear, weights_generation
 from ladle.engine.loader import release_free_memory
 from ladle.engine.models.base import CausalLM, Rope
-from ladle.engine.paged_cache import PagedKVCache
 
 log = logging.getLogger(__name__)
 # Inductor notes that the int4 layers' bf16 activations meet the fp16 head: both are intended.
@@ -53,10 +50,9 @@ _builds_running = 0  # in this process, one per model being compiled
 class StepCompiler:
     """Compiles `model.logits` on a background thread and installs it as `model.step`."""
 
-    def __init__(self, model: CausalLM, dtype: torch.dtype, cache: PagedKVCache | None) -> None:
+    def __init__(self, model: CausalLM, dtype: torch.dtype) -> None:
         self.model = model
         self.dtype = dtype
-        self.cache = cache
         self.status = "not started"  # "compiling", "ready", "stale", "stopped", "failed: ..."
         self._ready = threading.Event()
         self._lock = threading.Lock()
@@ -89,8 +85,6 @@ class StepCompiler:
     def _build(self) -> None:
         _count_build(+1)
         try:
-            if native.load():
-                self._use_kernels()
             for _ in range(3):  # weights that change during the build: start over
                 generation = weights_generation()
                 compiled = _compile(self.model)
@@ -110,16 +104,6 @@ class StepCompiler:
             if _count_build(-1) == 0:  # another model's build may still need the workers
                 _release_compiler_memory()
             self._ready.set()
-
-    def _use_kernels(self) -> None:
-        self.model.use_kernels = True
-        for module in self.model.modules():
-            if isinstance(module, Linear):
-                module.use_kernels = True
-        if self.cache is not None:  # the paged kernel: float32 queries, float32 or float16 pools
-            self.cache.use_kernels = (
-                self.dtype == torch.float32 and self.cache.dtype in KERNEL_KV_DTYPES
-            )
 
     @torch.inference_mode()
     def _warm_up(self, compiled: Callable[..., torch.Tensor]) -> None:

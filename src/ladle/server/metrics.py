@@ -130,6 +130,11 @@ class Metrics:
             f"ladle_model_compiled{_model(s)} {int(e.compile_status == 'ready')}"
             for s, e in engines
         )
+        _family(out, "ladle_model_compiling", "gauge", "1 while the step compiles.")
+        out.extend(
+            f"ladle_model_compiling{_model(s)} {int(e.compile_status == 'compiling')}"
+            for s, e in engines
+        )
         return "\n".join(out) + "\n"
 
 

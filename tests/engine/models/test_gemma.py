@@ -225,7 +225,7 @@ def test_compiled_step_matches_eager(arch: str, tmp_path: Path) -> None:
         return torch.cat(rows)
 
     eager = run()
-    compiler = StepCompiler(model, torch.float32, None)
+    compiler = StepCompiler(model, torch.float32)
     compiler.start()
     assert compiler.wait(600), compiler.status
     with torch.profiler.profile() as prof:

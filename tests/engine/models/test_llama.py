@@ -17,14 +17,17 @@ from transformers import (
     MistralForCausalLM,
 )
 
+from ladle.engine.kernels import native
 from ladle.engine.loading.config import ModelConfig
 from ladle.engine.loading.gguf import read_gguf
 from ladle.engine.loading.weights import gguf_weights, safetensors_weights
 from ladle.engine.models import ARCHITECTURES
+from ladle.engine.quant.calibration import ActivationStats
 from ladle.engine.quant.ggml import GGMLTensor
 from ladle.engine.quant.int4 import NativeInt4Weight
 from ladle.errors import ModelLoadError
 
+needs_kernels = pytest.mark.skipif(not native.load(), reason="native kernels unavailable")
 TINY = dict(
     vocab_size=160,
     hidden_size=64,
@@ -52,6 +55,45 @@ def test_llama_with_tied_embeddings_and_biases(reference, tmp_path: Path) -> Non
     assert model.config.tie_word_embeddings
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     reference.assert_matches_transformers(hf, model, atol=1e-4)
+
+
+@needs_kernels
+def test_native_layer_ops_equal_the_layers_own_path(reference, tmp_path: Path) -> None:
+    """`attention_inputs` and `mlp_residual` run the kernels `forward`'s own path calls, in
+    its order: logits are equal, here with biases and dense float32 weights (the [w] form)."""
+    config = LlamaConfig(**TINY, attention_bias=True)
+    hf = reference.build_hf_model(config, LlamaForCausalLM)
+    model = reference.load_ladle(reference.save_hf_model(hf, tmp_path))
+    model.use_native_kernels()
+    assert all(layer.kernel_weights() is not None for layer in model.model.layers)
+    reference.assert_matches_transformers(hf, model, atol=1e-4)
+    prompt, tokens = torch.arange(3, 40, 3), [5, 7, 11]
+    fused = reference.ladle_logits(model, prompt, tokens, torch.float32)
+    for layer in model.model.layers:
+        layer.use_kernels = False  # the layer's Python path, over the same native row ops
+    unfused = reference.ladle_logits(model, prompt, tokens, torch.float32)
+    for a, b in zip(fused, unfused, strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_kernels
+def test_a_calibrating_layer_leaves_the_layer_ops_for_its_own_path(
+    reference, tmp_path: Path
+) -> None:
+    """Calibration observes a Linear's inputs in its `forward`, which the layer ops skip: a
+    layer with a calibrating Linear runs its Python path until calibration ends."""
+    hf = reference.build_hf_model(LlamaConfig(**TINY), LlamaForCausalLM)
+    model = reference.load_ladle(reference.save_hf_model(hf, tmp_path))
+    model.use_native_kernels()
+    layer = model.model.layers[1]
+    stats = ActivationStats(TINY["intermediate_size"])
+    layer.mlp.down_proj.calibration = stats
+    assert layer.kernel_weights() is None and not model.runs_on_kernels()
+    assert model.model.layers[0].kernel_weights() is not None
+    reference.ladle_logits(model, torch.arange(10), [], torch.float32)
+    assert stats.rows == 10
+    layer.mlp.down_proj.calibration = None
+    assert layer.kernel_weights() is not None and model.runs_on_kernels()
 
 
 def test_llama3_rope_scaling_past_the_original_context(reference, tmp_path: Path) -> None:
@@ -182,14 +224,21 @@ def test_smollm2_dequantized_equals_transformers(smollm2) -> None:
 
 
 @pytest.mark.real_model
-def test_smollm2_int4_close_to_transformers(smollm2) -> None:
+@pytest.mark.parametrize("layer_kernels", [False, True])
+def test_smollm2_int4_close_to_transformers(smollm2, layer_kernels: bool) -> None:
     """Q4_1 weights run through an int4 kernel. ladle's (int16 activations) moves logits
     by 0.07% relative (Frobenius) over the prompt, 0.23% at most at one position; torch's
     (bf16 activations, without native kernels) by 1.8% and 7.1%. Both keep the top token
-    everywhere. Bounds leave 2-3x headroom."""
+    everywhere. Bounds leave 2-3x headroom. `layer_kernels` runs every layer through the
+    native row and layer ops as served (`use_native_kernels`)."""
     gguf, config, ids, expected = smollm2
+    if layer_kernels and not native.load():
+        pytest.skip("native kernels unavailable")
     model = ARCHITECTURES[config.architecture](config)
     model.load_weights(gguf_weights(gguf, config), torch.float32)
+    if layer_kernels:
+        model.use_native_kernels()
+        assert all(layer.kernel_weights() is not None for layer in model.model.layers)
     int4 = model.model.layers[0].self_attn.qkv_proj.int4
     assert int4 is not None
     bounds = (0.002, 0.007) if isinstance(int4, NativeInt4Weight) else (0.05, 0.15)

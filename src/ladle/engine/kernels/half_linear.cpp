@@ -10,6 +10,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "ops.h"
 #include "parallel_items.h"
 
 #ifdef __AVX512F__
@@ -105,6 +106,8 @@ void multiply(const float* x, int64_t nx, const c10::Half* w, int64_t rows, int6
 
 #endif
 
+}  // namespace
+
 at::Tensor half_linear(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "half_linear: x must be float32, got ",
               x.scalar_type());
@@ -131,8 +134,6 @@ at::Tensor half_linear(const at::Tensor& x, const at::Tensor& w) {
   });
   return out;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ladle_kernels, m) {
   m.def("half_linear(Tensor x, Tensor w) -> Tensor");

@@ -31,10 +31,23 @@ Once loaded, the operators are (all CPU, float32 in and out unless said):
     torch.ops.ladle_kernels.int8_linear(x, q, scales)
         The same for Q8_0 (`quant/int8.py`'s `NativeInt8Weight`: q int8 [M / 16, K / 2, 32],
         scales float16 [M / 16, K / 32, 16]).
+    torch.ops.ladle_kernels.rms_norm(x, w, eps)
+        x [.., N] (2-D or 3-D, last dim contiguous), w [N] -> x / sqrt(mean(x^2) + eps) * w.
+    torch.ops.ladle_kernels.rotary(x, cos, sin)
+        x [T, heads, D], cos and sin [T, 1, R] in `layers/rotary.py`'s layout -> the rotated
+        x (channels from R on pass through), the products and sums of torch's path.
+    torch.ops.ladle_kernels.silu_mul(x)
+        x [.., 2F] -> silu(x[..., :F]) * x[..., F:].
+    torch.ops.ladle_kernels.attention_inputs(
+            x, norm, eps, qkv_proj, qkv_bias, cos, sin, num_heads, num_kv_heads)
+    torch.ops.ladle_kernels.mlp_residual(
+            x, attn, o_proj, o_bias, norm, eps, gate_up_proj, down_proj)
+        A Llama-family decoder layer before and after its attention, from the kernels above
+        (`decoder_layer.cpp`); only eager forwards call them, so they have no fake kernels.
 
 They run on torch's intra-op threads (`torch.set_num_threads`), with results that do not
-depend on their number, and each has a fake kernel, so `torch.compile(fullgraph=True)` traces
-calls to it.
+depend on their number, and each but the two layer ops has a fake kernel, so
+`torch.compile(fullgraph=True)` traces calls to it.
 """
 
 from __future__ import annotations
@@ -58,8 +71,14 @@ from ladle import envconfig
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("decode_attention.cpp", "half_linear.cpp", "quant_linear.cpp")
-_HEADERS = ("parallel_items.h",)
+_SOURCES = (
+    "decode_attention.cpp",
+    "decoder_layer.cpp",
+    "half_linear.cpp",
+    "quant_linear.cpp",
+    "row_ops.cpp",
+)
+_HEADERS = ("ops.h", "parallel_items.h")
 _LIBRARY_NAME = "ladle_kernels.so"
 _COMPILER = "g++"
 # -fopenmp is left out on purpose: parallel work runs on torch's own pool (decode_attention.cpp).
@@ -68,6 +87,7 @@ _FLAGS = (
     "-march=native",
     "-mprefer-vector-width=512",
     "-fno-math-errno",
+    "-ffp-contract=off",  # a * b + c stays two roundings where the kernels mirror torch's ops
     "-std=c++20",  # torch's headers require C++20 (cpp_extension builds with it too)
     "-shared",
     "-fPIC",
@@ -228,3 +248,15 @@ def _register_fakes() -> None:
 
     for name in ("int4_linear", "int8_linear"):
         torch.library.register_fake(f"ladle_kernels::{name}", quant_linear)
+
+    @torch.library.register_fake("ladle_kernels::rms_norm")
+    def _(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("ladle_kernels::rotary")
+    def _(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("ladle_kernels::silu_mul")
+    def _(x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)

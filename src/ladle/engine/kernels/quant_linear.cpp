@@ -29,6 +29,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "ops.h"
 #include "parallel_items.h"
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
@@ -246,6 +247,8 @@ at::Tensor quant_linear(const char* op, const at::Tensor& x, const at::Tensor& q
   return out;
 }
 
+}  // namespace
+
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
   return quant_linear<Nibbles>("int4_linear", x, q, scales, at::kByte);
 }
@@ -253,8 +256,6 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
   return quant_linear<Bytes>("int8_linear", x, q, scales, at::kChar);
 }
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ladle_kernels, m) {
   m.def("int4_linear(Tensor x, Tensor q, Tensor scales) -> Tensor");

@@ -10,7 +10,11 @@ from torch import nn
 class SiluAndMul(nn.Module):
     """SwiGLU (Llama, Qwen, Phi-3): `silu(x[:, :n]) * x[:, n:]` for `x = [gate | up]`."""
 
+    use_kernels = False  # `ladle_kernels.silu_mul` for float32 rows
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernels and x.dtype == torch.float32:
+            return torch.ops.ladle_kernels.silu_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

@@ -169,8 +169,8 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(dense.to(target).contiguous(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.calibration is not None:
-            self.calibration.observe(x)
+        if self._calibration is not None:
+            self._calibration.observe(x)
         if self.int4 is not None:
             y = self.int4.matmul(x)
         elif self.int8 is not None:
@@ -181,10 +181,27 @@ class Linear(nn.Module):
             if w.dtype == x.dtype:
                 return F.linear(x, w, self.bias)
             if self.use_kernels and w.dtype == torch.float16 and x.dtype == torch.float32:
-                y = torch.ops.ladle_kernels.half_linear(x.contiguous(), w)
+                rows = x.reshape(-1, x.shape[-1]).contiguous()  # an encoder's [B, T, K] too
+                y = torch.ops.ladle_kernels.half_linear(rows, w).view(*x.shape[:-1], -1)
             else:
                 y = F.linear(x.to(w.dtype), w).to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+    def kernel_weights(self) -> list[torch.Tensor] | None:
+        """The weight as the native fused layer ops take it (`kernels/decoder_layer.cpp`):
+        [q, scales] for a native int4 or int8 form, [w] for float16 or float32; None for what
+        they cannot run (torch's int4 and int8 forms, bfloat16) or while calibrating (the
+        activations must pass through `forward` to be observed)."""
+        if self._calibration is not None:
+            return None
+        if isinstance(self.int4, NativeInt4Weight):
+            return [self.int4.q, self.int4.scales]
+        if isinstance(self.int8, NativeInt8Weight):
+            return [self.int8.q, self.int8.scales]
+        w = self.weight
+        if self.int4 is None and self.int8 is None and w is not None:
+            return [w] if w.dtype in (torch.float16, torch.float32) else None
+        return None
 
     def take_weights(self, other: Linear) -> None:
         """Adopt `other`'s weight in whatever form it holds (a re-quantized copy of this one)."""

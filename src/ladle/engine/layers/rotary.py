@@ -177,13 +177,17 @@ class RotaryEmbedding(nn.Module):
         return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, use_kernel: bool = False
+) -> torch.Tensor:
     """Rotate `x` `[T, heads, head_dim]`; channels past the rotary dimension pass through.
 
     `(x1 cos - x2 sin, x2 cos + x1 sin)` as `x * cos + roll(x) * sin` with the tables' layout:
     the same products and sums, bit for bit, in four kernel calls instead of seven (the
-    decode step is bound by the number of calls).
+    decode step is bound by the number of calls), or in one with `use_kernel` (float32 only).
     """
+    if use_kernel and x.dtype == torch.float32:
+        return torch.ops.ladle_kernels.rotary(x, cos, sin)
     dim = cos.shape[-1]
     if dim == x.shape[-1]:
         return x * cos + x.roll(dim // 2, -1) * sin

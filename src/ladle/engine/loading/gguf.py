@@ -8,6 +8,7 @@ them, so loading a model never holds two full copies of the weights.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,18 @@ class GGUFFile:
     path: Path
     metadata: dict[str, Any]
     tensors: dict[str, GGMLTensor] = field(repr=False)
+    mapping: mmap.mmap | None = field(default=None, repr=False)  # what `tensors` view
+
+    def release_pages(self) -> None:
+        """Take the file's pages that loading has read out of this process's resident memory.
+
+        Each tensor is read once, into a packed copy; the mapped pages would otherwise stay
+        resident until the whole file is unmapped, so loading SmolLM2 peaked 90 MB (the file)
+        above the loaded model. The pages stay in the OS page cache: a later read (a tensor
+        kept as it is in the file) faults them back in.
+        """
+        if self.mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self.mapping.madvise(mmap.MADV_DONTNEED)
 
     @property
     def architecture(self) -> str:
@@ -72,7 +85,9 @@ def read_gguf(path: str | Path) -> GGUFFile:
             data_start = -(-f.tell() // alignment) * alignment
     except (struct.error, ValueError, EOFError, UnicodeDecodeError) as e:
         raise ModelLoadError(path, f"corrupt or truncated GGUF header ({e})") from e
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    with path.open("rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    mm = np.frombuffer(mapping, dtype=np.uint8)  # read-only, as the mapping is
     tensors = {}
     for name, shape, ggml_type, offset in infos:
         block, type_size = GGML_QUANT_SIZES[ggml_type]
@@ -86,7 +101,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
             tensors[name] = GGMLTensor(name, ggml_type, data, tuple(reversed(shape)))
         except UnsupportedTensorTypeError as e:
             raise UnsupportedTensorTypeError(path, f"tensor {name}: {e.reason}") from e
-    return GGUFFile(path, metadata, tensors)
+    return GGUFFile(path, metadata, tensors, mapping)
 
 
 def _read(f: BinaryIO, n: int) -> bytes:

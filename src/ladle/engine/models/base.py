@@ -45,6 +45,16 @@ class CheckpointModule(nn.Module):
         """Whether `lm_head` shares `model.embed_tokens`' table (and is absent from the file)."""
         return False
 
+    def use_native_kernels(self) -> None:
+        """Run every layer that has a native kernel (`kernels/native.py`) through it.
+
+        Each such module holds a `use_kernels` flag and still checks its input's dtype: the
+        kernels take float32 activations, and a bfloat16 model keeps torch's paths.
+        """
+        for module in self.modules():
+            if hasattr(module, "use_kernels"):
+                module.use_kernels = True
+
     def load_weights(self, weights: Iterable[tuple[str, Weight]], dtype: torch.dtype) -> None:
         """Fill every weight from `(hf_name, tensor)` pairs, in any order, in `dtype`.
 
@@ -74,15 +84,16 @@ class CheckpointModule(nn.Module):
             if all(len(got.get(p, ())) == count for p in needed):
                 fused = {p: _fuse(got[p], f"{module_name}.{p}", dtype) for p in needed}
                 full_weight = fused.pop("weight")
-                try:
-                    module.load_weight(full_weight, dtype, **fused)
-                except (ValueError, ModelLoadError) as e:  # a shape that does not fit
-                    reason = e.reason if isinstance(e, ModelLoadError) else str(e)
-                    raise ModelLoadError(f"{module_name}.weight", reason) from e
+                if is_tied and module_name == "model.embed_tokens":
+                    embed_source = full_weight  # loaded at the end, with the head it shares
+                else:
+                    try:
+                        module.load_weight(full_weight, dtype, **fused)
+                    except (ValueError, ModelLoadError) as e:  # a shape that does not fit
+                        reason = e.reason if isinstance(e, ModelLoadError) else str(e)
+                        raise ModelLoadError(f"{module_name}.weight", reason) from e
                 del pending[module_name]
                 loaded.add(module_name)
-                if module_name == "model.embed_tokens":
-                    embed_source = full_weight
         missing = [
             name
             for m in modules
@@ -130,7 +141,7 @@ class CausalLM(CheckpointModule):
     model: nn.Module  # embeddings, decoder layers and `norm`; returns hidden states
     lm_head: Linear
     step: Step | None = None
-    use_kernels = False  # the native kernels are loaded: caches made here use them too
+    use_kernels = False  # the native kernels are on: caches made here use them too
 
     def forward(
         self,
@@ -145,6 +156,18 @@ class CausalLM(CheckpointModule):
             logits = (self.step or self.logits)(input_ids, rope, logits_indices)
         cache.advance(num_tokens)
         return logits
+
+    def runs_on_kernels(self) -> bool:
+        """Whether every decoder layer runs through the native layer ops (Llama-family
+        layers whose weights all have a native form: `LlamaDecoderLayer.kernel_weights`)."""
+        layers = getattr(self.model, "layers", None)
+        return (
+            self.use_kernels
+            and bool(layers)
+            and all(
+                getattr(layer, "kernel_weights", lambda: None)() is not None for layer in layers
+            )
+        )
 
     def logits(
         self, input_ids: torch.Tensor, rope: Rope, logits_indices: torch.Tensor | None

@@ -6,15 +6,16 @@ a bias, whether q/k are normalized per head, and how their checkpoints pack the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ladle.engine.layers.activation import gated_activation
+from ladle.engine.layers.activation import SiluAndMul, gated_activation
 from ladle.engine.layers.attention import Attention
 from ladle.engine.layers.embedding import Embedding, LMHead
-from ladle.engine.layers.linear import Linear
+from ladle.engine.layers.linear import Linear, weights_generation
 from ladle.engine.layers.norm import RMSNorm
 from ladle.engine.layers.rotary import RotaryEmbedding, apply_rotary
 from ladle.engine.loading.config import ModelConfig
@@ -45,6 +46,7 @@ class LlamaAttention(nn.Module):
             self.head_dim**-0.5,
             sliding_window=config.sliding_window if is_sliding else None,
         )
+        self.use_kernels = False  # the rotation through `ladle_kernels.rotary`
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]
@@ -54,12 +56,13 @@ class LlamaAttention(nn.Module):
         if self.q_norm is None or self.k_norm is None:
             # q and k heads side by side: one rotation for both
             qk = qkv[:, :qk_size].view(num_tokens, self.num_heads + self.num_kv_heads, -1)
-            qk = apply_rotary(qk, cos, sin)
+            qk = apply_rotary(qk, cos, sin, self.use_kernels)
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         else:
             q = self.q_norm(qkv[:, : self.q_size].view(num_tokens, self.num_heads, -1))
             k = self.k_norm(qkv[:, self.q_size : qk_size].view(num_tokens, self.num_kv_heads, -1))
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            kernel = self.use_kernels
+            q, k = apply_rotary(q, cos, sin, kernel), apply_rotary(k, cos, sin, kernel)
         return self.o_proj(self.attn(q, k, v))
 
 
@@ -83,10 +86,66 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(config, layer_idx, biases, qk_norm)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
+        self.use_kernels = False  # the layer in two native calls around attention
+        self._kernel_weights: tuple[int, _KernelWeights | None] | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.use_kernels and x.dtype == torch.float32 and not torch.compiler.is_compiling():
+            weights = self.kernel_weights()
+            if weights is not None:
+                return self._forward_kernels(x, cos, sin, weights)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _forward_kernels(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: _KernelWeights
+    ) -> torch.Tensor:
+        """`forward` through `kernels/decoder_layer.cpp`: the same kernels, the same bits,
+        about fifteen fewer Python calls (on a small model's decode step they cost more than
+        the arithmetic). Compiled graphs trace `forward`'s own path instead."""
+        attn = self.self_attn
+        ops = torch.ops.ladle_kernels
+        norm = self.input_layernorm
+        q, k, v = ops.attention_inputs(
+            x, norm.weight, norm.eps, w.qkv, w.qkv_bias, cos, sin, attn.num_heads, attn.num_kv_heads
+        )
+        norm = self.post_attention_layernorm
+        out = attn.attn(q, k, v)
+        return ops.mlp_residual(x, out, w.o, w.o_bias, norm.weight, norm.eps, w.gate_up, w.down)
+
+    def kernel_weights(self) -> _KernelWeights | None:
+        """The layer's weights for the native path, None when some layer cannot take it;
+        gathered again whenever a `Linear` changes (re-quantized, calibrating)."""
+        generation = weights_generation()
+        if self._kernel_weights is None or self._kernel_weights[0] != generation:
+            self._kernel_weights = (generation, _KernelWeights.of(self))
+        return self._kernel_weights[1]
+
+
+@dataclass(frozen=True, slots=True)
+class _KernelWeights:
+    """A decoder layer's tensors as `ladle_kernels.attention_inputs` and `mlp_residual`
+    take them (see `Linear.kernel_weights`)."""
+
+    qkv: list[torch.Tensor]
+    qkv_bias: torch.Tensor | None
+    o: list[torch.Tensor]
+    o_bias: torch.Tensor | None
+    gate_up: list[torch.Tensor]
+    down: list[torch.Tensor]
+
+    @staticmethod
+    def of(layer: LlamaDecoderLayer) -> _KernelWeights | None:
+        attn, mlp = layer.self_attn, layer.mlp
+        plain = attn.q_norm is None and isinstance(mlp.act_fn, SiluAndMul)
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if not plain or any(n.weight is None or n.weight.dtype != torch.float32 for n in norms):
+            return None
+        qkv, o = attn.qkv_proj.kernel_weights(), attn.o_proj.kernel_weights()
+        gate_up, down = mlp.gate_up_proj.kernel_weights(), mlp.down_proj.kernel_weights()
+        if qkv is None or o is None or gate_up is None or down is None:
+            return None
+        return _KernelWeights(qkv, attn.qkv_proj.bias, o, attn.o_proj.bias, gate_up, down)
 
 
 class LlamaModel(nn.Module):

@@ -34,6 +34,7 @@ from gguf import GGMLQuantizationType
 
 from ladle.engine.kernels import native
 from ladle.engine.quant.ggml import GGMLTensor
+from ladle.engine.quant.native_matmul import native_matmul
 
 GROUP_SIZE = 32
 _OUT_MULTIPLE = 16  # torch's CPU packer rejects out_features not divisible by 16
@@ -67,10 +68,7 @@ class NativeInt4Weight:
     group_size: int = GROUP_SIZE  # the source's group (HQQ4: 64, stored as two of 32)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float().contiguous()
-        y = torch.ops.ladle_kernels.int4_linear(x2, self.q, self.scales)
-        return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
+        return native_matmul(torch.ops.ladle_kernels.int4_linear, x, self.q, self.scales)
 
 
 def can_pack_int4(weight: GGMLTensor) -> bool:

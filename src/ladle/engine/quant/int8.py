@@ -26,6 +26,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from ladle.engine.quant.ggml import GGMLTensor
+from ladle.engine.quant.native_matmul import native_matmul
 
 _COLS = 16  # output columns per block of the native layout
 _GROUP = 32
@@ -60,10 +61,7 @@ class NativeInt8Weight:
     scales: torch.Tensor  # fp16 [out / 16, in / 32, 16]: w = q * scale
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float().contiguous()
-        y = torch.ops.ladle_kernels.int8_linear(x2, self.q, self.scales)
-        return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
+        return native_matmul(torch.ops.ladle_kernels.int8_linear, x, self.q, self.scales)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of w (any shape of ids) as float32: an embedding lookup in the same bytes."""
