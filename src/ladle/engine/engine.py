@@ -41,7 +41,7 @@ class EngineConfig:
     max_seq_len: int
     dtype: torch.dtype = torch.float32
     max_num_seqs: int = 16
-    max_num_batched_tokens: int = 512  # tokens per step; long prompts are prefilled in chunks
+    max_num_batched_tokens: int = 256  # tokens per step; long prompts are prefilled in chunks
     kv_cache_tokens: int | None = None  # KV budget shared by all sequences (max_seq_len)
     block_size: int = 16
     # compile the step in the background (`step_compiler.py`); None: unless it runs on kernels
