@@ -12,6 +12,9 @@ model: a sequence's rows take the same kernels either way.
 The paged pools are checked in both KV cache dtypes, float32 and float16 (the engine's
 default), each against a single-sequence cache that stores the same dtype: both then attend
 the same rounded keys and values, and the tolerance above still holds.
+
+On the native kernels attention computes every row alike whatever rows come with it, so there
+a prompt's logits are compared bit for bit: cold, chunked, or after a prefix cache hit.
 """
 
 from __future__ import annotations
@@ -176,8 +179,8 @@ def test_scattered_blocks_equal_a_run(
 def test_kernel_decode_on_float16_pools_equals_one_sequence(
     dense: LoadedModel, prompt: list[int], contiguous: bool
 ) -> None:
-    """Decode steps through the paged kernel (which rounds new keys and values into the
-    float16 pools itself) compute what the torch path computes on a float16 cache."""
+    """Steps through the paged kernels (the decode kernel rounds new keys and values into
+    the float16 pools itself) compute what the torch path computes on a float16 cache."""
     if not native.load():
         pytest.skip("native kernels unavailable")
     runner, blocks = paged(dense, kv_dtype=torch.float16)
@@ -190,13 +193,59 @@ def test_kernel_decode_on_float16_pools_equals_one_sequence(
         seq.contiguous = False
         for b in seq.block_table:
             blocks._hold(b)
-    seq.token_ids = prompt[:40]  # a prefill (torch), then 9 decode steps (the kernel)
+    seq.token_ids = prompt[:40]  # a prefill, then 9 decode steps
     compute(runner, blocks, seq, 512)
     for token in prompt[40:49]:
         seq.token_ids.append(token)
-        assert runner._decode_tables([ScheduledSequence(seq, 1)]) is not None  # type: ignore[arg-type]
+        assert runner._kernel_tables([ScheduledSequence(seq, 1)]) is not None  # type: ignore[arg-type]
         logits = compute(runner, blocks, seq, 1)
     assert_same_logits(logits, reference_logits(dense, prompt[:49], torch.float16))
+
+
+@pytest.fixture
+def kernels(smollm2: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SmolLM2 on the native kernels as the engine runs it once they load: its layers and
+    one-off caches (a test turns on its paged cache's own `use_kernels`)."""
+    if not native.load():
+        pytest.skip("native kernels unavailable")
+    monkeypatch.setattr(smollm2.model, "use_kernels", True)
+    for module in smollm2.model.modules():
+        if isinstance(module, linear.Linear):
+            monkeypatch.setattr(module, "use_kernels", True)
+
+
+def test_prefix_cache_hit_gives_the_cold_logits_bit_for_bit(
+    smollm2: LoadedModel, kernels: None
+) -> None:
+    """On the kernels every row's attention is computed as if it were decoded alone, so a
+    prompt's logits are the same bits cold, after a prefix cache hit on two thirds of it, in
+    other chunks, and on a one-off cache (`LLMEngine.prompt_logits`)."""
+    prompt = smollm2.tokenizer.encode(TEXT * 4)  # 196 tokens: two spans of the kernels
+
+    def runner() -> tuple[ModelRunner, BlockManager]:
+        runner, blocks = paged(smollm2, num_blocks=40, kv_dtype=torch.float16)
+        runner.cache.use_kernels = True
+        return runner, blocks
+
+    def cold(chunk: int) -> torch.Tensor | None:
+        run, blocks = runner()
+        seq = Tokens(list(prompt))
+        blocks.allocate(seq)  # type: ignore[arg-type]
+        return compute(run, blocks, seq, chunk)
+
+    run, blocks = runner()
+    first = Tokens(prompt[: 2 * len(prompt) // 3])
+    blocks.allocate(first)  # type: ignore[arg-type]
+    compute(run, blocks, first, 512)
+    blocks.free(first)  # type: ignore[arg-type]
+    second = Tokens(list(prompt))
+    blocks.allocate(second)  # type: ignore[arg-type]
+    assert second.num_cached_tokens == 128  # 8 full blocks of the first 130 tokens
+    hit = compute(run, blocks, second, 512)
+    assert hit is not None
+    assert torch.equal(hit, cold(512))
+    assert torch.equal(hit, cold(50))
+    assert torch.equal(hit, reference_logits(smollm2, prompt, torch.float16))
 
 
 # ------------------------------------------------------------------ the engine, end to end

@@ -298,13 +298,15 @@ def test_compiled_graph_calls_the_ops_and_writes_the_pools_in_place() -> None:
     torch.manual_seed(0)
     pool_k, pool_v = torch.zeros(2, 64, 16), torch.zeros(2, 64, 16)
     tables, lengths = torch.tensor([[3, 1, 0], [5, 2, 7]], dtype=torch.int32), torch.tensor([6, 9])
+    ones = torch.ones(2, dtype=torch.long)  # query rows per sequence
     q, k, v = torch.randn(2, 4, 16), torch.randn(2, 2, 16), torch.randn(2, 2, 16)
     w = torch.randn(8, 64).half()
 
     def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = ops.paged_decode_attention(q, k, v, pool_k, pool_v, tables, lengths, 4, 0.25)
         window = ops.decode_attention(q[0], pool_k[:, :5], pool_v[:, :5], 0.25)
-        return ops.half_linear(out.reshape(2, -1), w) + window.sum()
+        rows = ops.paged_prefill_attention(q, pool_k, pool_v, tables, lengths, ones, 4, 0.25)
+        return ops.half_linear(out.reshape(2, -1), w) + window.sum() + rows.sum()
 
     expected = step(q, k, v)
     written_k, written_v = pool_k.clone(), pool_v.clone()

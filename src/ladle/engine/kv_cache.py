@@ -29,7 +29,7 @@ KV_CACHE_DTYPES = {
     "float32": torch.float32,
 }
 DEFAULT_KV_CACHE_DTYPE = torch.float16
-# The cached dtypes the native decode kernels read (with float32 queries).
+# The cached dtypes the native attention kernels read (with float32 queries).
 KERNEL_KV_DTYPES = (torch.float32, torch.float16)
 
 
@@ -60,10 +60,11 @@ class AttentionCache(Protocol):
         """Keep `k`, `v` (`[T, num_kv_heads, head_dim]`) and return every sequence's segment."""
         ...
 
-    def decode(
+    def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor | None:
-        """Store and attend in one fused kernel call, `[T, H * D]`, or None when it has none.
+        """Store and attend through the cache's native kernels, `[T, H * D]`, or None when
+        it has none for these tensors.
 
         Asked first for layers with neither a sliding window nor a soft-cap; on None,
         attention falls back to `store` and its own math.
@@ -97,7 +98,7 @@ class KVCache:
         use_kernels: bool = False,
     ) -> None:
         self.num_layers = num_layers
-        self.use_kernels = use_kernels  # decode through `ladle_kernels.decode_attention`
+        self.use_kernels = use_kernels  # attend through `ladle_kernels` (`attend`)
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.v_head_dim = v_head_dim or head_dim
@@ -131,16 +132,26 @@ class KVCache:
         keys, values = self.k[layer_idx][:, :end], self.v[layer_idx][:, :end]
         return [Segment(slice(0, num_tokens), keys, values, self.length)]
 
-    def decode(
+    def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor | None:
-        if not self.use_kernels or q.shape[0] != 1 or q.dtype != torch.float32:
+        if not self.use_kernels or q.dtype != torch.float32 or self.dtype not in KERNEL_KV_DTYPES:
             return None
-        if self.dtype not in KERNEL_KV_DTYPES:
-            return None
+        num_tokens, start = q.shape[0], self.length
         ((_, keys, values, _),) = self.store(layer_idx, k, v)
-        out = torch.ops.ladle_kernels.decode_attention(q[0], keys, values, scale)
-        return out.view(1, -1)
+        if num_tokens == 1:
+            return torch.ops.ladle_kernels.decode_attention(q[0], keys, values, scale).view(1, -1)
+        # the buffers as a paged pool of one block: the rows compute what the engine's do
+        return torch.ops.ladle_kernels.paged_prefill_attention(
+            q,
+            self.k[layer_idx],
+            self.v[layer_idx],
+            torch.zeros(1, 1, dtype=torch.int32),
+            torch.tensor([start + num_tokens]),
+            torch.tensor([num_tokens]),
+            self.capacity,
+            scale,
+        )
 
     def max_length(self, num_tokens: int) -> int:
         return self.length + num_tokens

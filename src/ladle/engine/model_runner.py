@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ladle.engine.models.base import CausalLM
-from ladle.engine.paged_cache import DecodeTables, KVBatch, PagedKVCache, SequenceSlots
+from ladle.engine.paged_cache import KernelTables, KVBatch, PagedKVCache, SequenceSlots
 from ladle.engine.scheduler import ScheduledSequence
 from ladle.engine.sequence import Sequence
 
@@ -47,20 +47,24 @@ class ModelRunner:
                 last_rows.append(rows.stop - 1)
                 completing.append(seq)
         write = _as_run(slots)
-        kv = KVBatch(self.cache, write, sequences, self._decode_tables(batch))
+        kv = KVBatch(self.cache, write, sequences, self._kernel_tables(batch))
         last = torch.tensor(last_rows, dtype=torch.long)
         logits = self.model(torch.tensor(ids), torch.tensor(positions), kv, last)
         return dict(zip(completing, logits, strict=True))
 
-    def _decode_tables(self, batch: list[ScheduledSequence]) -> DecodeTables | None:
-        """Block tables for the paged decode kernel, when it is on and every item decodes."""
-        if not self.cache.use_kernels or any(item.num_tokens != 1 for item in batch):
+    def _kernel_tables(self, batch: list[ScheduledSequence]) -> KernelTables | None:
+        """Block tables for the paged attention kernels, when they are on."""
+        if not self.cache.use_kernels:
             return None
         width = max(len(item.seq.block_table) for item in batch)
         rows = [t + [0] * (width - len(t)) for t in (item.seq.block_table for item in batch)]
-        lengths = [item.seq.num_computed_tokens + 1 for item in batch]
-        return DecodeTables(
-            torch.tensor(rows, dtype=torch.int32), torch.tensor(lengths, dtype=torch.int64)
+        query_lens = [item.num_tokens for item in batch]
+        lengths = [item.seq.num_computed_tokens + item.num_tokens for item in batch]
+        return KernelTables(
+            torch.tensor(rows, dtype=torch.int32),
+            torch.tensor(lengths, dtype=torch.int64),
+            torch.tensor(query_lens, dtype=torch.int64),
+            all(n == 1 for n in query_lens),
         )
 
     def _slots(self, seq: Sequence, num_tokens: int) -> slice | torch.Tensor:

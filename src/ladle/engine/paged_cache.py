@@ -6,9 +6,12 @@ keys as a slice of the pool (a view: no copy). A sequence whose blocks are scatt
 prefix followed by its own blocks) gathers them, which costs about as much as the attention
 itself on a CPU; the block manager places blocks to keep runs whole.
 
-A step in which every sequence decodes one token can skip both the gather and the per-sequence
-calls: when native kernels are on (`use_kernels`, set by `StepCompiler`), one call per layer
-writes every new key and value through the block tables and attends all sequences at once.
+With native kernels on (`use_kernels`), attention skips both the gather and the per-sequence
+calls: each layer makes one call for the whole step, reading every sequence's keys through
+its block table. A step in which every sequence decodes one token writes the new keys and
+values in the same call (`paged_decode_attention`); any other step stores them first, then
+attends all rows at once (`paged_prefill_attention`), each row computing bit for bit what a
+decode of it alone computes.
 
 The pools' dtype is the engine's `kv_cache_dtype`, float16 by default whatever the model
 computes in (`kv_cache.py`): new keys and values are rounded into it, and attention reads them
@@ -36,7 +39,7 @@ class PagedKVCache:
         v_head_dim: int | None = None,
     ) -> None:
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
-        self.use_kernels = False  # `ladle_kernels.paged_decode_attention` for decode steps
+        self.use_kernels = False  # attention through `ladle_kernels` (`KVBatch.attend`)
         slots, v_dim = num_blocks * block_size, v_head_dim or head_dim
         # torch.empty maps the pool lazily: memory is touched only as blocks are written.
         layers = range(num_layers)
@@ -61,11 +64,13 @@ class SequenceSlots:
 
 
 @dataclass(slots=True)
-class DecodeTables:
-    """A decode step's sequences as the paged kernel reads them."""
+class KernelTables:
+    """A step's sequences as the paged kernels read them."""
 
     block_tables: torch.Tensor  # int32 [B, max blocks], padded with 0
-    lengths: torch.Tensor  # int64 [B], tokens of each sequence with the new one
+    lengths: torch.Tensor  # int64 [B], tokens of each sequence with this step's
+    query_lens: torch.Tensor  # int64 [B], this step's tokens of each sequence
+    is_decode: bool  # every sequence has one new token
 
 
 class KVBatch:
@@ -76,40 +81,59 @@ class KVBatch:
         cache: PagedKVCache,
         write: slice | torch.Tensor,
         sequences: list[SequenceSlots],
-        tables: DecodeTables | None = None,
+        tables: KernelTables | None = None,
     ) -> None:
         self.cache = cache
-        self.tables = tables  # only for a step of single-token sequences, with kernels on
+        self.tables = tables  # only with kernels on
         self.write = write  # the slots of the new tokens, in batch order (a slice when a run)
         self.sequences = sequences
         self._max_length = max(s.start + s.rows.stop - s.rows.start for s in sequences)
 
     def store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> list[Segment]:
-        pool_k, pool_v = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        # rounded to the pools' dtype here: a write through a slot tensor does not convert
-        pool_k[:, self.write] = k.transpose(0, 1).to(pool_k.dtype)
-        pool_v[:, self.write] = v.transpose(0, 1).to(pool_v.dtype)
+        pool_k, pool_v = self._write(layer_idx, k, v)
         return [
             Segment(s.rows, pool_k[:, s.read], pool_v[:, s.read], s.start) for s in self.sequences
         ]
 
-    def decode(
+    def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor | None:
-        if self.tables is None:
+        if self.tables is None or q.dtype != torch.float32:
             return None
-        out = torch.ops.ladle_kernels.paged_decode_attention(
+        tables, block_size = self.tables, self.cache.block_size
+        if tables.is_decode:  # the kernel writes k and v itself
+            out = torch.ops.ladle_kernels.paged_decode_attention(
+                q,
+                k,
+                v,
+                self.cache.k[layer_idx],
+                self.cache.v[layer_idx],
+                tables.block_tables,
+                tables.lengths,
+                block_size,
+                scale,
+            )
+            return out.view(q.shape[0], -1)
+        pool_k, pool_v = self._write(layer_idx, k, v)
+        return torch.ops.ladle_kernels.paged_prefill_attention(
             q,
-            k,
-            v,
-            self.cache.k[layer_idx],
-            self.cache.v[layer_idx],
-            self.tables.block_tables,
-            self.tables.lengths,
-            self.cache.block_size,
+            pool_k,
+            pool_v,
+            tables.block_tables,
+            tables.lengths,
+            tables.query_lens,
+            block_size,
             scale,
         )
-        return out.view(q.shape[0], -1)
+
+    def _write(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pool_k, pool_v = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        # rounded to the pools' dtype here: a write through a slot tensor does not convert
+        pool_k[:, self.write] = k.transpose(0, 1).to(pool_k.dtype)
+        pool_v[:, self.write] = v.transpose(0, 1).to(pool_v.dtype)
+        return pool_k, pool_v
 
     def max_length(self, num_tokens: int) -> int:
         return self._max_length

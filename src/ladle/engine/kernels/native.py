@@ -22,6 +22,13 @@ Once loaded, the operators are (all CPU, float32 in and out unless said):
         token), then returns [B, H, Dv]: each q [B, H, D] over its positions 0..lengths[b]-1.
         The pools are both float32 or both float16; float16 pools get k, v rounded to nearest
         (as `.half()` rounds) and are read widened to float32.
+    torch.ops.ladle_kernels.paged_prefill_attention(
+            q, pool_k, pool_v, block_tables, lengths, query_lens, block_size, scale)
+        The new rows of B sequences, their keys and values already in the pools: q [N, H, D]
+        holds query_lens[b] rows of each sequence in turn (int64 [B], summing to N), at its
+        positions lengths[b] - query_lens[b] .. lengths[b] - 1; each row attends its positions
+        up to its own -> [N, H * Dv]. A row's output is bit for bit what
+        paged_decode_attention gives it decoded alone, whatever other rows come with it.
     torch.ops.ladle_kernels.half_linear(x, w)
         x [N, K] float32 contiguous, w [M, K] float16 contiguous -> [N, M] = x @ w.float().T.
     torch.ops.ladle_kernels.int4_linear(x, q, scales)
@@ -71,13 +78,15 @@ from ladle import envconfig
 logger = logging.getLogger(__name__)
 
 _SOURCES = (
+    "attention_rows.cpp",
     "decode_attention.cpp",
     "decoder_layer.cpp",
     "half_linear.cpp",
+    "prefill_attention.cpp",
     "quant_linear.cpp",
     "row_ops.cpp",
 )
-_HEADERS = ("ops.h", "parallel_items.h")
+_HEADERS = ("attention_checks.h", "attention_rows.h", "ops.h", "parallel_items.h")
 _LIBRARY_NAME = "ladle_kernels.so"
 _COMPILER = "g++"
 # -fopenmp is left out on purpose: parallel work runs on torch's own pool (decode_attention.cpp).
@@ -240,6 +249,19 @@ def _register_fakes() -> None:
         scale: float,
     ) -> torch.Tensor:
         return q.new_empty(q.shape[0], q.shape[1], pool_v.shape[-1])
+
+    @torch.library.register_fake("ladle_kernels::paged_prefill_attention")
+    def _(
+        q: torch.Tensor,
+        pool_k: torch.Tensor,
+        pool_v: torch.Tensor,
+        block_tables: torch.Tensor,
+        lengths: torch.Tensor,
+        query_lens: torch.Tensor,
+        block_size: int,
+        scale: float,
+    ) -> torch.Tensor:
+        return q.new_empty(q.shape[0], q.shape[1] * pool_v.shape[-1])
 
     @torch.library.register_fake("ladle_kernels::half_linear")
     def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

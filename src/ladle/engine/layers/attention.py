@@ -5,10 +5,13 @@ to its cached positions up to their own (the causal mask is offset by what was c
 within an optional sliding window. A batch of sequences of different lengths runs one kernel
 call per sequence: on a CPU that beats padding them into one call (no wasted keys, no mask).
 Prefill runs through `scaled_dot_product_attention`; one decoded token runs through two
-batched matmuls (fewer calls than SDPA for a single query), or through the cache's own kernel
-when it has one (`AttentionCache.decode`: all sequences of a decode step in one call). Logit
-soft-capping (Gemma 2) needs the scores themselves, so it takes an explicit path. A cache may
-store keys and values narrower than the queries (float16): they are read in the queries' dtype.
+batched matmuls (fewer calls than SDPA for a single query). A cache with native kernels runs
+attention itself when it can (`AttentionCache.attend`: float32 queries, no window, no soft-cap):
+the engine's paged batch does every sequence of a step in one call, each row computing what
+a decode of it alone computes, so a prompt's logits do not depend on its chunks or on the
+prefix cache. Logit soft-capping (Gemma 2) needs the scores themselves, so it takes an
+explicit path. A cache may store keys and values narrower than the queries (float16): they
+are read in the queries' dtype.
 
 Attention is the one step of a forward that reads and writes state outside its tensors (the
 cache), so it is an operator of its own, `torch.ops.ladle.attention`, whose cache is set per
@@ -82,7 +85,7 @@ def _attention(
     if cache is None:
         raise RuntimeError("attention ran outside `attention_cache(cache)`")
     if sliding_window is None and logit_softcap is None:
-        out = cache.decode(layer_idx, q, k, v, scale)
+        out = cache.attend(layer_idx, q, k, v, scale)
         if out is not None:
             return out
     segments = cache.store(layer_idx, k, v)
