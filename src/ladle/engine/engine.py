@@ -22,6 +22,7 @@ import torch
 
 from ladle.engine.block_manager import BlockManager
 from ladle.engine.kv_cache import DEFAULT_KV_CACHE_DTYPE, KERNEL_KV_DTYPES
+from ladle.engine.loader import release_free_memory
 from ladle.engine.loading.tokenizer import Tokenizer
 from ladle.engine.model_runner import ModelRunner
 from ladle.engine.models.base import CausalLM
@@ -34,6 +35,7 @@ from ladle.errors import ContextLengthError, EngineClosedError
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_LONG_PREFILL = 64  # prompt tokens in one step whose activations are worth trimming after
 
 
 @dataclass(slots=True)
@@ -41,7 +43,7 @@ class EngineConfig:
     max_seq_len: int
     dtype: torch.dtype = torch.float32
     max_num_seqs: int = 16
-    max_num_batched_tokens: int = 256  # tokens per step; long prompts are prefilled in chunks
+    max_num_batched_tokens: int = 512  # tokens per step; long prompts are prefilled in chunks
     kv_cache_tokens: int | None = None  # KV budget shared by all sequences (max_seq_len)
     block_size: int = 16
     # compile the step in the background (`step_compiler.py`); None: unless it runs on kernels
@@ -105,6 +107,7 @@ class LLMEngine:
         self._cv = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._scratch_to_release = False  # a long prefill ran since memory was last trimmed
 
     def serve(self) -> None:
         """Serve requests on the calling thread until `close`.
@@ -214,6 +217,12 @@ class LLMEngine:
 
     def _loop(self) -> None:
         while True:
+            idle = not (self._new or self._jobs or self.scheduler.has_work())
+            if idle and self._scratch_to_release:
+                # after a long prefill: hand its 15-30 MB of freed activations back, which
+                # would otherwise add to the process's peak as the KV pool fills
+                release_free_memory()
+                self._scratch_to_release = False
             with self._cv:
                 while not (self._closed or self._new or self._jobs or self.scheduler.has_work()):
                     self._cv.wait()
@@ -244,6 +253,7 @@ class LLMEngine:
         Any exception is caught here because the engine thread must outlive a bad request:
         it is logged and handed to the request's caller, never swallowed.
         """
+        self._scratch_to_release |= any(item.num_tokens >= _LONG_PREFILL for item in batch)
         try:
             rows = self.runner.run(batch)
         except Exception as e:
