@@ -2,7 +2,8 @@
 
 Only models that the native layer kernels cannot run compile by default (`EngineConfig.compile`
 None): for those that they can (`CausalLM.runs_on_kernels`), the eager step calls two C++
-operators per layer and is as fast, without the compiler's minutes and ~180 MB.
+operators per layer and decodes within about 5% of it, without the compiler's minutes and
+~180 MB.
 
 A decode step of a small model is bound by the number of kernel calls (about a thousand per
 token in eager PyTorch), not by arithmetic. Inductor fuses the norms, the rotary, the residual
