@@ -217,14 +217,13 @@ class LLMEngine:
 
     def _loop(self) -> None:
         while True:
-            idle = not (self._new or self._jobs or self.scheduler.has_work())
-            if idle and self._scratch_to_release:
+            if self._scratch_to_release and not self._has_work():
                 # after a long prefill: hand its 15-30 MB of freed activations back, which
                 # would otherwise add to the process's peak as the KV pool fills
                 release_free_memory()
                 self._scratch_to_release = False
             with self._cv:
-                while not (self._closed or self._new or self._jobs or self.scheduler.has_work()):
+                while not (self._closed or self._has_work()):
                     self._cv.wait()
                 if self._closed:
                     break
@@ -246,6 +245,9 @@ class LLMEngine:
             if batch:
                 self._step(batch)
         self._fail_all(EngineClosedError("the model was closed before the request finished"))
+
+    def _has_work(self) -> bool:
+        return bool(self._new or self._jobs or self.scheduler.has_work())
 
     def _step(self, batch: list[ScheduledSequence]) -> None:
         """Run the batch and sample; a failure ends only the sequences it touched.

@@ -86,7 +86,7 @@ _SOURCES = (
     "quant_linear.cpp",
     "row_ops.cpp",
 )
-_HEADERS = ("attention_checks.h", "attention_rows.h", "ops.h", "parallel_items.h")
+_HEADERS = ("attention_checks.h", "attention_rows.h", "ops.h", "parallel_items.h", "vec_exp.h")
 _LIBRARY_NAME = "ladle_kernels.so"
 _COMPILER = "g++"
 # -fopenmp is left out on purpose: parallel work runs on torch's own pool (decode_attention.cpp).

@@ -13,6 +13,7 @@
 
 #include "ops.h"
 #include "parallel_items.h"
+#include "vec_exp.h"
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -75,21 +76,6 @@ void scale_by(const float* x, float s, const float* w, float* out, int64_t n) {
     const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), vs);
     _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, w + i)));
   }
-}
-
-// exp(x) by Cephes' expf polynomial (glibc's vector expf is declared only under -ffast-math).
-__m512 exp16(__m512 x) {
-  const __m512 v = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.0f));
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), v);
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-  const float c[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                     4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
-  __m512 p = _mm512_set1_ps(c[0]);
-  for (int j = 1; j < 6; ++j) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[j]));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, k);
 }
 
 // out = silu(gate) * up = gate * up / (1 + exp(-gate))
