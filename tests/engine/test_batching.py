@@ -197,7 +197,7 @@ def test_kernel_decode_on_float16_pools_equals_one_sequence(
     compute(runner, blocks, seq, 512)
     for token in prompt[40:49]:
         seq.token_ids.append(token)
-        assert runner._kernel_tables([ScheduledSequence(seq, 1)]) is not None  # type: ignore[arg-type]
+        assert runner._kernel_step([ScheduledSequence(seq, 1)], slice(0, 1)) is not None  # type: ignore[arg-type]
         logits = compute(runner, blocks, seq, 1)
     assert_same_logits(logits, reference_logits(dense, prompt[:49], torch.float16))
 

@@ -261,6 +261,9 @@ def test_row_ops_do_not_depend_on_the_thread_count() -> None:
             lambda: ops.decode_attention(torch.randn(4, 8), *_kv(2, 8, torch.float64), 1.0),
             "keys must be float32 or float16, got Double",
         ),
+        (lambda: _stack(num_weights=11), "11 weights for 1 layers of 12"),
+        (lambda: _stack(missing=7), "weight 7 of layer 0 is None"),
+        (lambda: _stack(slots=torch.tensor([0, 99])), "slots[1] = 99 is outside"),
     ],
 )
 def test_bad_inputs_raise_naming_the_argument(call: Callable[[], object], message: str) -> None:
@@ -291,6 +294,41 @@ def _paged(
     pool_k, pool_v = torch.zeros(1, 16, 8, dtype=k_dtype), torch.zeros(1, 16, 8, dtype=v_dtype)
     q, k, v = torch.randn(1, 2, 8), torch.randn(1, 1, 8), torch.randn(1, 1, 8)
     return ops.paged_decode_attention(q, k, v, pool_k, pool_v, tables, lengths, 4, 1.0)
+
+
+def _stack(
+    num_weights: int = 12, missing: int | None = None, slots: torch.Tensor | None = None
+) -> object:
+    """A valid `decoder_layers` prefill of 2 tokens through one dense layer (hidden 16, 2
+    heads of 8, one kv head) but for one argument."""
+    norm, qkv, o = torch.ones(16), torch.randn(32, 16), torch.randn(16, 16)
+    gate_up, down = torch.randn(64, 16), torch.randn(16, 32)
+    weights = [norm, qkv, None, None, o, None, None, norm, gate_up, None, down, None]
+    if missing is not None:
+        weights[missing] = None
+    pool = torch.zeros(1, 16, 8)
+    return ops.decoder_layers(
+        torch.randn(2, 16),
+        *_rope(2, 8),
+        weights[:num_weights],
+        1e-6,
+        2,
+        1,
+        1.0,
+        [pool],
+        [pool.clone()],
+        torch.tensor([[0]], dtype=torch.int32),
+        torch.tensor([2]),
+        torch.tensor([2]),
+        torch.tensor([0, 1]) if slots is None else slots,
+        16,
+        False,
+    )
+
+
+def test_the_stack_helper_is_a_valid_call() -> None:
+    """The bad-input cases above fail on their one bad argument, not on `_stack` itself."""
+    assert ops.decoder_layers is not None and _stack().shape == (2, 16)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports

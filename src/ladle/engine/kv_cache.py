@@ -55,6 +55,21 @@ class Segment(NamedTuple):
     start: int  # tokens cached before these rows (the first row's position)
 
 
+class KernelStep(NamedTuple):
+    """A forward's whole cache as the native kernels address it: every layer's pools, each
+    sequence's blocks of them, and where the new keys and values go
+    (`ladle_kernels.decoder_layers` runs every layer of a Llama-family decoder over it)."""
+
+    pools_k: list[torch.Tensor]  # per layer, [num_kv_heads, num_slots, head_dim]
+    pools_v: list[torch.Tensor]
+    block_tables: torch.Tensor  # int32 [B, max blocks]: slot = block * block_size + offset
+    lengths: torch.Tensor  # int64 [B], each sequence's tokens with this forward's
+    query_lens: torch.Tensor  # int64 [B], this forward's tokens of each, in batch order
+    slots: torch.Tensor  # int64 [T], the new tokens' slots
+    block_size: int
+    is_decode: bool  # every sequence has one new token (the decode kernel writes it itself)
+
+
 class AttentionCache(Protocol):
     def store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> list[Segment]:
         """Keep `k`, `v` (`[T, num_kv_heads, head_dim]`) and return every sequence's segment."""
@@ -69,6 +84,12 @@ class AttentionCache(Protocol):
         Asked first for layers with neither a sliding window nor a soft-cap; on None,
         attention falls back to `store` and its own math.
         """
+        ...
+
+    def kernel_step(self, num_tokens: int) -> KernelStep | None:
+        """The cache for a forward of `num_tokens` that the native kernels run whole, or None
+        when it has no kernels; a forward that takes it stores every layer's keys and values
+        through it (and skips `store` and `attend`)."""
         ...
 
     def max_length(self, num_tokens: int) -> int:
@@ -151,6 +172,23 @@ class KVCache:
             torch.tensor([num_tokens]),
             self.capacity,
             scale,
+        )
+
+    def kernel_step(self, num_tokens: int) -> KernelStep | None:
+        if not self.use_kernels or self.dtype not in KERNEL_KV_DTYPES:
+            return None
+        start, end = self.length, self.length + num_tokens
+        self._reserve(end)
+        # the buffers as a paged pool of one block: the rows compute what the engine's do
+        return KernelStep(
+            self.k,
+            self.v,
+            torch.zeros(1, 1, dtype=torch.int32),
+            torch.tensor([end]),
+            torch.tensor([num_tokens]),
+            torch.arange(start, end),
+            self.capacity,
+            num_tokens == 1,
         )
 
     def max_length(self, num_tokens: int) -> int:

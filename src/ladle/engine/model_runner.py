@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from ladle.engine.kv_cache import KernelStep
 from ladle.engine.models.base import CausalLM
-from ladle.engine.paged_cache import KernelTables, KVBatch, PagedKVCache, SequenceSlots
+from ladle.engine.paged_cache import KVBatch, PagedKVCache, SequenceSlots
 from ladle.engine.scheduler import ScheduledSequence
 from ladle.engine.sequence import Sequence
 
@@ -47,23 +48,30 @@ class ModelRunner:
                 last_rows.append(rows.stop - 1)
                 completing.append(seq)
         write = _as_run(slots)
-        kv = KVBatch(self.cache, write, sequences, self._kernel_tables(batch))
+        kv = KVBatch(self.cache, write, sequences, self._kernel_step(batch, write))
         last = torch.tensor(last_rows, dtype=torch.long)
         logits = self.model(torch.tensor(ids), torch.tensor(positions), kv, last)
         return dict(zip(completing, logits, strict=True))
 
-    def _kernel_tables(self, batch: list[ScheduledSequence]) -> KernelTables | None:
-        """Block tables for the paged attention kernels, when they are on."""
-        if not self.cache.use_kernels:
+    def _kernel_step(
+        self, batch: list[ScheduledSequence], write: slice | torch.Tensor
+    ) -> KernelStep | None:
+        """The step as the paged attention kernels read it, when they are on."""
+        cache = self.cache
+        if not cache.use_kernels:
             return None
         width = max(len(item.seq.block_table) for item in batch)
         rows = [t + [0] * (width - len(t)) for t in (item.seq.block_table for item in batch)]
         query_lens = [item.num_tokens for item in batch]
         lengths = [item.seq.num_computed_tokens + item.num_tokens for item in batch]
-        return KernelTables(
+        return KernelStep(
+            cache.k,
+            cache.v,
             torch.tensor(rows, dtype=torch.int32),
             torch.tensor(lengths, dtype=torch.int64),
             torch.tensor(query_lens, dtype=torch.int64),
+            torch.arange(write.start, write.stop) if isinstance(write, slice) else write,
+            self.block_size,
             all(n == 1 for n in query_lens),
         )
 

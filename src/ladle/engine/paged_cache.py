@@ -11,7 +11,8 @@ calls: each layer makes one call for the whole step, reading every sequence's ke
 its block table. A step in which every sequence decodes one token writes the new keys and
 values in the same call (`paged_decode_attention`); any other step stores them first, then
 attends all rows at once (`paged_prefill_attention`), each row computing bit for bit what a
-decode of it alone computes.
+decode of it alone computes. A Llama-family model whose layers all run on the kernels takes the
+step whole instead (`KVBatch.kernel_step`): its every layer, attention included, in one call.
 
 The pools' dtype is the engine's `kv_cache_dtype`, float16 by default whatever the model
 computes in (`kv_cache.py`): new keys and values are rounded into it, and attention reads them
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ladle.engine.kv_cache import Segment
+from ladle.engine.kv_cache import KernelStep, Segment
 
 
 class PagedKVCache:
@@ -63,16 +64,6 @@ class SequenceSlots:
     read: slice | torch.Tensor  # slots of its `start + num_rows` keys: a run, or gathered
 
 
-@dataclass(slots=True)
-class KernelTables:
-    """A step's sequences as the paged kernels read them."""
-
-    block_tables: torch.Tensor  # int32 [B, max blocks], padded with 0
-    lengths: torch.Tensor  # int64 [B], tokens of each sequence with this step's
-    query_lens: torch.Tensor  # int64 [B], this step's tokens of each sequence
-    is_decode: bool  # every sequence has one new token
-
-
 class KVBatch:
     """The `AttentionCache` of one engine step: a flat batch of tokens over the paged pool."""
 
@@ -81,10 +72,10 @@ class KVBatch:
         cache: PagedKVCache,
         write: slice | torch.Tensor,
         sequences: list[SequenceSlots],
-        tables: KernelTables | None = None,
+        kernel: KernelStep | None = None,
     ) -> None:
         self.cache = cache
-        self.tables = tables  # only with kernels on
+        self.kernel = kernel  # only with kernels on
         self.write = write  # the slots of the new tokens, in batch order (a slice when a run)
         self.sequences = sequences
         self._max_length = max(s.start + s.rows.stop - s.rows.start for s in sequences)
@@ -98,16 +89,16 @@ class KVBatch:
     def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor | None:
-        if self.tables is None or q.dtype != torch.float32:
+        if self.kernel is None or q.dtype != torch.float32:
             return None
-        tables, block_size = self.tables, self.cache.block_size
+        tables, block_size = self.kernel, self.cache.block_size
         if tables.is_decode:  # the kernel writes k and v itself
             out = torch.ops.ladle_kernels.paged_decode_attention(
                 q,
                 k,
                 v,
-                self.cache.k[layer_idx],
-                self.cache.v[layer_idx],
+                tables.pools_k[layer_idx],
+                tables.pools_v[layer_idx],
                 tables.block_tables,
                 tables.lengths,
                 block_size,
@@ -134,6 +125,9 @@ class KVBatch:
         pool_k[:, self.write] = k.transpose(0, 1).to(pool_k.dtype)
         pool_v[:, self.write] = v.transpose(0, 1).to(pool_v.dtype)
         return pool_k, pool_v
+
+    def kernel_step(self, num_tokens: int) -> KernelStep | None:
+        return self.kernel
 
     def max_length(self, num_tokens: int) -> int:
         return self._max_length

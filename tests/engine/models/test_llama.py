@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from ladle.engine.kernels import native
+from ladle.engine.kv_cache import KVCache
 from ladle.engine.loading.config import ModelConfig
 from ladle.engine.loading.gguf import read_gguf
 from ladle.engine.loading.weights import gguf_weights, safetensors_weights
@@ -58,22 +59,40 @@ def test_llama_with_tied_embeddings_and_biases(reference, tmp_path: Path) -> Non
 
 
 @needs_kernels
-def test_native_layer_ops_equal_the_layers_own_path(reference, tmp_path: Path) -> None:
-    """`attention_inputs` and `mlp_residual` run the kernels `forward`'s own path calls, in
-    its order: logits are equal, here with biases and dense float32 weights (the [w] form)."""
+def test_native_layer_ops_equal_the_layers_own_path(
+    reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`decoder_layers` (every layer in one call), `attention_inputs` and `mlp_residual` (a
+    layer in three calls) run the kernels `forward`'s own path calls, in its order: logits are
+    equal, here with biases and dense float32 weights (the [w] form)."""
     config = LlamaConfig(**TINY, attention_bias=True)
     hf = reference.build_hf_model(config, LlamaForCausalLM)
     model = reference.load_ladle(reference.save_hf_model(hf, tmp_path))
     model.use_native_kernels()
-    assert all(layer.kernel_weights() is not None for layer in model.model.layers)
+    assert model.model.kernel_stack() is not None
     reference.assert_matches_transformers(hf, model, atol=1e-4)
     prompt, tokens = torch.arange(3, 40, 3), [5, 7, 11]
-    fused = reference.ladle_logits(model, prompt, tokens, torch.float32)
+    stacked = reference.ladle_logits(model, prompt, tokens, torch.float32)
+    with monkeypatch.context() as patch:
+        patch.setattr(KVCache, "kernel_step", lambda self, num_tokens: None)
+        layer_ops = reference.ladle_logits(model, prompt, tokens, torch.float32)
     for layer in model.model.layers:
         layer.use_kernels = False  # the layer's Python path, over the same native row ops
+    assert model.model.kernel_stack() is None
     unfused = reference.ladle_logits(model, prompt, tokens, torch.float32)
-    for a, b in zip(fused, unfused, strict=True):
-        assert torch.equal(a, b)
+    for a, b, c in zip(stacked, layer_ops, unfused, strict=True):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+@needs_kernels
+def test_a_sliding_window_keeps_attention_per_layer(reference, tmp_path: Path) -> None:
+    """The attention kernels see every position, so a windowed model's layers stay apart."""
+    config = MistralConfig(**TINY, sliding_window=4)
+    model = reference.load_ladle(
+        reference.save_hf_model(reference.build_hf_model(config, MistralForCausalLM), tmp_path)
+    )
+    model.use_native_kernels()
+    assert model.runs_on_kernels() and model.model.kernel_stack() is None
 
 
 @needs_kernels

@@ -195,6 +195,42 @@ void store_new_rows(const Batch<T>& batch, const at::Tensor& k, const at::Tensor
   }
 }
 
+}  // namespace
+
+void store_kv_rows(const at::Tensor& k, const at::Tensor& v, const at::Tensor& pool_k,
+                   const at::Tensor& pool_v, const at::Tensor& slots) {
+  const char* op = "store_kv_rows";
+  check_rows(k, op, "k", 3);
+  check_rows(v, op, "v", 3);
+  check_cached(pool_k, pool_v, op, "pool_k", "pool_v");
+  const int64_t N = k.size(0), KVH = pool_k.size(0), D = pool_k.size(2), Dv = pool_v.size(2);
+  TORCH_CHECK(k.size(1) == KVH && k.size(2) == D, op, ": k must be [", N, ", ", KVH, ", ", D,
+              "], got ", k.sizes());
+  TORCH_CHECK(v.size(0) == N && v.size(1) == KVH && v.size(2) == Dv, op, ": v must be [", N,
+              ", ", KVH, ", ", Dv, "], got ", v.sizes());
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.size(0) == N, op,
+              ": slots must be int64 [", N, "], got ", slots.scalar_type(), " ", slots.sizes());
+  const at::Tensor where = slots.contiguous();
+  const int64_t* slot = where.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) {  // a bad slot would write outside the pools
+    TORCH_CHECK(slot[i] >= 0 && slot[i] < pool_k.size(1), op, ": slots[", i, "] = ", slot[i],
+                " is outside the pools' ", pool_k.size(1), " slots");
+  }
+  with_cached_type(pool_k, [&](auto tag) {
+    using T = decltype(tag);
+    T* pk = pool_k.data_ptr<T>();
+    T* pv = pool_v.data_ptr<T>();
+    for (int64_t i = 0; i < N; ++i) {
+      for (int64_t h = 0; h < KVH; ++h) {
+        store_row(k.const_data_ptr<float>() + i * k.stride(0) + h * k.stride(1),
+                  pk + h * pool_k.stride(0) + slot[i] * pool_k.stride(1), D);
+        store_row(v.const_data_ptr<float>() + i * v.stride(0) + h * v.stride(1),
+                  pv + h * pool_v.stride(0) + slot[i] * pool_v.stride(1), Dv);
+      }
+    }
+  });
+}
+
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const at::Tensor& pool_k, const at::Tensor& pool_v,
                                   const at::Tensor& block_tables, const at::Tensor& lengths,
@@ -226,8 +262,6 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, cons
   });
   return out;
 }
-
-}  // namespace
 
 TORCH_LIBRARY(ladle_kernels, m) {
   m.def("decode_attention(Tensor q, Tensor keys, Tensor values, float scale) -> Tensor");

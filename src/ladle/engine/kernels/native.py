@@ -50,10 +50,19 @@ Once loaded, the operators are (all CPU, float32 in and out unless said):
     torch.ops.ladle_kernels.mlp_residual(
             x, attn, o_proj, o_bias, norm, eps, gate_up_proj, down_proj)
         A Llama-family decoder layer before and after its attention, from the kernels above
-        (`decoder_layer.cpp`); only eager forwards call them, so they have no fake kernels.
+        (`decoder_layer.cpp`).
+    torch.ops.ladle_kernels.decoder_layers(
+            x, cos, sin, weights, eps, num_heads, num_kv_heads, scale, pools_k, pools_v,
+            block_tables, lengths, query_lens, slots, block_size, is_decode)
+        Every layer of such a decoder, attention included, over per-layer pools addressed as
+        the paged attention ops address them (`kv_cache.KernelStep`): a decode step
+        (is_decode) through paged_decode_attention; any other writes its keys and values at
+        slots int64 [T] first, then attends through paged_prefill_attention. weights holds
+        twelve entries a layer (their order: `decoder_layer.cpp`). Only eager forwards call
+        the three layer ops, so they have no fake kernels.
 
 They run on torch's intra-op threads (`torch.set_num_threads`), with results that do not
-depend on their number, and each but the two layer ops has a fake kernel, so
+depend on their number, and each but the layer ops has a fake kernel, so
 `torch.compile(fullgraph=True)` traces calls to it.
 """
 

@@ -137,6 +137,8 @@ void attend(const Batch<T>& batch, const int64_t* lengths, const int64_t* query_
   });
 }
 
+}  // namespace
+
 at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& pool_k,
                                    const at::Tensor& pool_v, const at::Tensor& block_tables,
                                    const at::Tensor& lengths, const at::Tensor& query_lens,
@@ -175,8 +177,6 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& pool_k
   });
   return out;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ladle_kernels, m) {
   m.def(

@@ -45,6 +45,14 @@ def attention_cache(cache: AttentionCache) -> Iterator[None]:
         _local.cache = previous
 
 
+def current_cache() -> AttentionCache:
+    """The cache set by `attention_cache` on this thread."""
+    cache: AttentionCache | None = getattr(_local, "cache", None)
+    if cache is None:
+        raise RuntimeError("attention ran outside `attention_cache(cache)`")
+    return cache
+
+
 class Attention(nn.Module):
     """Softmax attention of `q` `[T, H, D]` over the cache after adding `k`, `v` `[T, KVH, D]`.
 
@@ -81,9 +89,7 @@ def _attention(
     sliding_window: int | None,
     logit_softcap: float | None,
 ) -> torch.Tensor:
-    cache: AttentionCache | None = getattr(_local, "cache", None)
-    if cache is None:
-        raise RuntimeError("attention ran outside `attention_cache(cache)`")
+    cache = current_cache()
     if sliding_window is None and logit_softcap is None:
         out = cache.attend(layer_idx, q, k, v, scale)
         if out is not None:
