@@ -87,21 +87,46 @@ struct QuantizedRows {
   std::vector<float> dx, sum;
 };
 
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+
+// One group: 32 values as two vectors, rounded to nearest even as std::nearbyint rounds them.
+void quantize_group(const float* v, int16_t* q, float* dx, float* sum) {
+  const __m512 lo = _mm512_loadu_ps(v), hi = _mm512_loadu_ps(v + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+  const __m512 inv = _mm512_set1_ps(amax > 0.0f ? kInt16Max / amax : 0.0f);
+  const auto round = [&](const __m512 x) {  // |x * inv| <= 32767: no saturation happens
+    return _mm512_cvtsepi32_epi16(_mm512_cvt_roundps_epi32(
+        _mm512_mul_ps(x, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  };
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), round(lo));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 16), round(hi));
+  *dx = amax / kInt16Max;
+  *sum = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+}
+
+#else
+
+void quantize_group(const float* v, int16_t* q, float* dx, float* sum) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < kGroup; ++i) amax = std::max(amax, std::fabs(v[i]));
+  const float inv = amax > 0.0f ? kInt16Max / amax : 0.0f;
+  for (int64_t i = 0; i < kGroup; ++i) q[i] = static_cast<int16_t>(std::nearbyint(v[i] * inv));
+  *dx = amax / kInt16Max;
+  // the order of _mm512_reduce_add_ps(lo + hi): pairs i, i + 16, then halves, down to one
+  float lanes[16];
+  for (int64_t i = 0; i < 16; ++i) lanes[i] = v[i] + v[i + 16];
+  for (int64_t width = 8; width >= 1; width /= 2)
+    for (int64_t i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+  *sum = lanes[0];
+}
+
+#endif
+
 QuantizedRows quantize_rows(const float* x, int64_t N, int64_t K) {
   QuantizedRows r{std::vector<int16_t>(N * K), std::vector<float>(N * K / kGroup),
                   std::vector<float>(N * K / kGroup)};
   for (int64_t g = 0; g < N * K / kGroup; ++g) {
-    const float* v = x + g * kGroup;
-    float amax = 0.0f, sum = 0.0f;
-    for (int64_t i = 0; i < kGroup; ++i) {
-      amax = std::max(amax, std::fabs(v[i]));
-      sum += v[i];
-    }
-    const float inv = amax > 0.0f ? kInt16Max / amax : 0.0f;
-    for (int64_t i = 0; i < kGroup; ++i)
-      r.xq[g * kGroup + i] = static_cast<int16_t>(std::nearbyint(v[i] * inv));
-    r.dx[g] = amax / kInt16Max;
-    r.sum[g] = sum;
+    quantize_group(x + g * kGroup, r.xq.data() + g * kGroup, &r.dx[g], &r.sum[g]);
   }
   return r;
 }
