@@ -162,7 +162,7 @@ class _Builder:
         """Compile the model's step with `torch.compile` in the background, serving eagerly
         until it is ready (one to three minutes). None, the default (`LADLE_COMPILE`), compiles
         only a model that the native layer kernels cannot run: with them, the eager step
-        decodes within about 5% of a compiled one and the compiler's ~180 MB stay out of the
+        decodes faster than a compiled one and the compiler's ~180 MB stay out of the
         process."""
         self.compile = enabled
         return self
