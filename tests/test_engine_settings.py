@@ -25,8 +25,8 @@ def kv_pools(model: Model) -> list[torch.Tensor]:
 
 
 def test_a_kv_budget_caps_the_context_and_still_serves(smollm2_path: Path) -> None:
-    with GgufModelBuilder(smollm2_path).with_kv_cache_tokens(200).build() as model:
-        assert model.max_sequence_length() == 208  # rounded up to whole 16-token blocks
+    with GgufModelBuilder(smollm2_path).with_kv_cache_tokens(203).build() as model:
+        assert model.max_sequence_length() == 208  # rounded up to whole 8-token blocks
         assert {pool.dtype for pool in kv_pools(model)} == {torch.float16}  # the default
         reply = model.send_completion_request({"prompt": "word " * 190, "max_tokens": 400})
         usage = reply.usage
