@@ -111,6 +111,23 @@ def test_a_chunk_of_many_tokens_and_rows_runs_compiled(
     assert torch.equal(out[0].argmax(-1), eager.argmax(-1))
 
 
+def test_a_chunk_without_logits_rows_runs_compiled(
+    small: LoadedModel, compiled: StepCompiler
+) -> None:
+    """A prompt chunk that completes no sequence (the first chunks of a long prompt) has no
+    graph of its own: it takes the one-row graph and drops the row, rather than run eagerly
+    (and round differently from the chunks around it)."""
+    model = small.model
+    ids = torch.tensor(chat_ids(small, PROMPTS[1]) * 2)
+    none = torch.zeros(0, dtype=torch.long)
+    with torch.inference_mode():
+        out: list[torch.Tensor] = []
+        cache = model.new_cache(torch.float32)
+        assert ran_compiled(lambda: out.append(model(ids, torch.arange(len(ids)), cache, none)))
+    assert out[0].shape == (0, small.config.vocab_size)
+    assert cache.length == len(ids)  # every token's keys and values are in
+
+
 def test_changed_weights_run_eagerly_then_compile_again(
     small: LoadedModel, compiled: StepCompiler
 ) -> None:

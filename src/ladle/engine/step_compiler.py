@@ -17,7 +17,8 @@ What keeps the compiled step correct:
 - Attention is an opaque operator (`layers/attention.py`), so the graph holds no cache state;
   RoPE tables and the cache's bookkeeping stay on the host (`CausalLM.forward`).
 - The token count and the number of logits rows are dynamic: three graphs (one token; many
-  tokens with one logits row; many of both) serve every prefill chunk and decode batch.
+  tokens with one logits row; many of both) serve every prefill chunk and decode batch; a
+  chunk that needs no logits row computes one anyway (`CausalLM.forward`).
 - Guards on the modules are skipped (checking them would cost more than the step). Instead
   `Linear` counts every change of its weight or calibration (`weights_generation`): a changed
   model runs eagerly and is compiled again once it is stable (not while it calibrates).
