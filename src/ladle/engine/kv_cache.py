@@ -70,6 +70,21 @@ class KernelStep(NamedTuple):
     is_decode: bool  # every sequence has one new token (the decode kernel writes it itself)
 
 
+def paged_prefill(step: KernelStep, layer_idx: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+    """A layer's rows `[T, H * D]` over the step's pools, once their keys and values are in
+    (`ladle_kernels.paged_prefill_attention`)."""
+    return torch.ops.ladle_kernels.paged_prefill_attention(
+        q,
+        step.pools_k[layer_idx],
+        step.pools_v[layer_idx],
+        step.block_tables,
+        step.lengths,
+        step.query_lens,
+        step.block_size,
+        scale,
+    )
+
+
 class AttentionCache(Protocol):
     def store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> list[Segment]:
         """Keep `k`, `v` (`[T, num_kv_heads, head_dim]`) and return every sequence's segment."""
@@ -156,23 +171,13 @@ class KVCache:
     def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor | None:
-        if not self.use_kernels or q.dtype != torch.float32 or self.dtype not in KERNEL_KV_DTYPES:
+        step = self.kernel_step(q.shape[0]) if q.dtype == torch.float32 else None
+        if step is None:
             return None
-        num_tokens, start = q.shape[0], self.length
         ((_, keys, values, _),) = self.store(layer_idx, k, v)
-        if num_tokens == 1:
+        if step.is_decode:
             return torch.ops.ladle_kernels.decode_attention(q[0], keys, values, scale).view(1, -1)
-        # the buffers as a paged pool of one block: the rows compute what the engine's do
-        return torch.ops.ladle_kernels.paged_prefill_attention(
-            q,
-            self.k[layer_idx],
-            self.v[layer_idx],
-            torch.zeros(1, 1, dtype=torch.int32),
-            torch.tensor([start + num_tokens]),
-            torch.tensor([num_tokens]),
-            self.capacity,
-            scale,
-        )
+        return paged_prefill(step, layer_idx, q, scale)
 
     def kernel_step(self, num_tokens: int) -> KernelStep | None:
         if not self.use_kernels or self.dtype not in KERNEL_KV_DTYPES:

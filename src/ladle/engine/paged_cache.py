@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ladle.engine.kv_cache import KernelStep, Segment
+from ladle.engine.kv_cache import KernelStep, Segment, paged_prefill
 
 
 class PagedKVCache:
@@ -89,33 +89,24 @@ class KVBatch:
     def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor | None:
-        if self.kernel is None or q.dtype != torch.float32:
+        step = self.kernel
+        if step is None or q.dtype != torch.float32:
             return None
-        tables, block_size = self.kernel, self.cache.block_size
-        if tables.is_decode:  # the kernel writes k and v itself
+        if step.is_decode:  # the kernel writes k and v itself
             out = torch.ops.ladle_kernels.paged_decode_attention(
                 q,
                 k,
                 v,
-                tables.pools_k[layer_idx],
-                tables.pools_v[layer_idx],
-                tables.block_tables,
-                tables.lengths,
-                block_size,
+                step.pools_k[layer_idx],
+                step.pools_v[layer_idx],
+                step.block_tables,
+                step.lengths,
+                step.block_size,
                 scale,
             )
             return out.view(q.shape[0], -1)
-        pool_k, pool_v = self._write(layer_idx, k, v)
-        return torch.ops.ladle_kernels.paged_prefill_attention(
-            q,
-            pool_k,
-            pool_v,
-            tables.block_tables,
-            tables.lengths,
-            tables.query_lens,
-            block_size,
-            scale,
-        )
+        self._write(layer_idx, k, v)
+        return paged_prefill(step, layer_idx, q, scale)
 
     def _write(
         self, layer_idx: int, k: torch.Tensor, v: torch.Tensor

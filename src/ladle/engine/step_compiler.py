@@ -18,7 +18,7 @@ What keeps the compiled step correct:
   RoPE tables and the cache's bookkeeping stay on the host (`CausalLM.forward`).
 - The token count and the number of logits rows are dynamic: three graphs (one token; many
   tokens with one logits row; many of both) serve every prefill chunk and decode batch; a
-  chunk that needs no logits row computes one anyway (`CausalLM.forward`).
+  chunk that needs no logits row computes one anyway (`CompiledStep`).
 - Guards on the modules are skipped (checking them would cost more than the step). Instead
   `Linear` counts every change of its weight or calibration (`weights_generation`): a changed
   model runs eagerly and is compiled again once it is stable (not while it calibrates).
@@ -171,6 +171,11 @@ class CompiledStep:
                     rope = tuple(copies.setdefault(id(t), t.clone()) for t in rope)
                     if logits_indices is not None:
                         logits_indices = logits_indices.clone()
+                if logits_indices is not None and not len(logits_indices):
+                    # no graph has zero logits rows: a chunk that completes no sequence
+                    # computes its last row too, then drops it, rather than run eagerly
+                    last = torch.tensor([len(input_ids) - 1])
+                    return self.run_compiled(input_ids, rope, last)[:0]
                 return self.run_compiled(input_ids, rope, logits_indices)
         if generation != self.seen_generation:  # once per change, not on every step
             self.seen_generation = generation

@@ -18,7 +18,6 @@ from transformers import (
 )
 
 from ladle.engine.kernels import native
-from ladle.engine.kv_cache import KVCache
 from ladle.engine.loading.config import ModelConfig
 from ladle.engine.loading.gguf import read_gguf
 from ladle.engine.loading.weights import gguf_weights, safetensors_weights
@@ -74,7 +73,7 @@ def test_native_layer_ops_equal_the_layers_own_path(
     prompt, tokens = torch.arange(3, 40, 3), [5, 7, 11]
     stacked = reference.ladle_logits(model, prompt, tokens, torch.float32)
     with monkeypatch.context() as patch:
-        patch.setattr(KVCache, "kernel_step", lambda self, num_tokens: None)
+        patch.setattr(model.model, "kernel_stack", lambda: None)  # the layers one by one
         layer_ops = reference.ladle_logits(model, prompt, tokens, torch.float32)
     for layer in model.model.layers:
         layer.use_kernels = False  # the layer's Python path, over the same native row ops

@@ -153,14 +153,7 @@ class CausalLM(CheckpointModule):
         num_tokens = input_ids.shape[0]
         rope = self.model.rope(positions, cache.max_length(num_tokens))
         with attention_cache(cache):
-            if self.step is not None and logits_indices is not None and not len(logits_indices):
-                # the compiled graphs take one logits row or more (`step_compiler.py`): a
-                # chunk that completes no sequence computes its last row too, then drops it,
-                # rather than run eagerly
-                last = torch.tensor([num_tokens - 1])
-                logits = self.step(input_ids, rope, last)[:0]
-            else:
-                logits = (self.step or self.logits)(input_ids, rope, logits_indices)
+            logits = (self.step or self.logits)(input_ids, rope, logits_indices)
         cache.advance(num_tokens)
         return logits
 
