@@ -197,3 +197,41 @@ def test_a_colliding_hash_with_other_tokens_is_not_reused() -> None:
     second = FakeSequence([1, 2, 3], 1)
     blocks.allocate(second)  # type: ignore[arg-type]
     assert second.num_cached_tokens == 0
+
+
+def run_to_end(blocks: BlockManager, seq: FakeSequence) -> None:
+    """Allocate, compute and register every block of a prompt, then release it (cached)."""
+    blocks.allocate(seq)  # type: ignore[arg-type]
+    seq.num_computed_tokens = len(seq.token_ids)
+    blocks.commit(seq)  # type: ignore[arg-type]
+    blocks.free(seq)  # type: ignore[arg-type]
+
+
+def test_a_chat_sharing_a_system_prompt_keeps_another_chats_history() -> None:
+    """Two conversations behind one system prompt: while empty blocks remain, the second
+    must not take the first one's cached history, or the first's next turn recomputes it."""
+    blocks = BlockManager(num_blocks=32, block_size=4)
+    system = list(range(8))
+    chat_a = [*system, *range(100, 112)]
+    run_to_end(blocks, FakeSequence(chat_a, 1))
+    run_to_end(blocks, FakeSequence([*system, *range(200, 212)], 1))
+    next_turn = FakeSequence([*chat_a, 7, *range(120, 125)], 1)
+    blocks.allocate(next_turn)  # type: ignore[arg-type]
+    assert next_turn.num_cached_tokens == len(chat_a)
+
+
+def test_cached_blocks_are_evicted_least_recently_released_first() -> None:
+    blocks = BlockManager(num_blocks=6, block_size=2)
+    old, recent = [1, 2, 3, 4, 5], [6, 7, 8, 9, 10]
+    run_to_end(blocks, FakeSequence(old, 1))  # 3 blocks: 2 cached, the partial tail empty
+    run_to_end(blocks, FakeSequence(recent, 1))  # the same again
+    newcomer = FakeSequence(list(range(11, 17)), 1)  # 3 blocks: 2 empty, 1 evicted
+    blocks.allocate(newcomer)  # type: ignore[arg-type]
+    blocks.free(newcomer)  # type: ignore[arg-type]
+    cached = []
+    for prompt in (recent, old):
+        again = FakeSequence(prompt, 1)
+        blocks.allocate(again)  # type: ignore[arg-type]
+        cached.append(again.num_cached_tokens)
+        blocks.free(again)  # type: ignore[arg-type]
+    assert cached == [4, 2]  # the old prompt lost its tail block, released before its head

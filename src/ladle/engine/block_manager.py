@@ -8,10 +8,13 @@ hash collision cannot mix two prompts). Blocks are reference-counted: a block no
 but that has a hash stays cached, and the least recently released one is evicted first when
 a block is needed.
 
-On a CPU a sequence whose blocks form one ascending run reads its keys as a view of the pool,
-while scattered blocks must be gathered first (as slow as the attention itself, measured), so
-placement keeps runs whole: a new sequence starts in the middle of the largest stretch of
-empty blocks, and a growing one takes the block after its last when it can.
+Where attention runs in torch (models the native kernels do not run), a sequence whose blocks
+form one ascending run reads its keys as a view of the pool, while scattered blocks must be
+gathered first (as slow as the attention itself, measured; the kernels read through the block
+tables either way), so placement keeps runs whole: a new sequence starts in the middle of the
+largest stretch of empty blocks (or right after its cached prefix, when that block is empty),
+and a growing one takes the block after its last when it is empty. Placement never evicts: a
+cached block is reused only when no block is empty, the least recently released first.
 
 Every mutation has a question before it (`can_allocate` / `allocate`, `can_append` /
 `append`): nothing is ever half-allocated.
@@ -99,7 +102,8 @@ class BlockManager:
         seq.num_cached_tokens = seq.num_computed_tokens = len(prefix) * self.block_size
         seq.num_hashed_blocks = len(prefix)
         needed = self.blocks_for(len(seq.token_ids)) - len(prefix)
-        start = self._run_start(needed) if not prefix else None
+        follows = prefix[-1] + 1 if prefix else None  # the block that would continue the run
+        start = follows if follows in self.empty else self._run_start(needed)
         self._extend(seq, needed, start)
 
     # ---------------------------------------------------------------- growth
@@ -145,16 +149,22 @@ class BlockManager:
         return None if index < 0 else self.blocks[seq.block_table[index]].hash
 
     def _extend(self, seq: BlockOwner, count: int, start: int | None) -> None:
-        for _ in range(count):
+        """Add `count` blocks: the first at `start` if given, each next one after the last."""
+        for i in range(count):
             table = seq.block_table
-            wanted = table[-1] + 1 if table else start
+            wanted = start if i == 0 and start is not None else table[-1] + 1 if table else None
             block_id = self._take(wanted)
             seq.contiguous = seq.contiguous and (not table or block_id == table[-1] + 1)
             table.append(block_id)
 
     def _take(self, wanted: int | None) -> int:
-        """A free block: `wanted` if free, else an empty one, else the oldest cached one."""
-        if wanted is not None and wanted < self.num_blocks and self.blocks[wanted].ref_count == 0:
+        """A free block: `wanted` if empty, else an empty one, else the oldest cached one.
+
+        A cached `wanted` block is not taken while others are empty: it holds some other
+        request's prefix (another chat behind the same system prompt), which only the least
+        recently released cached block should lose.
+        """
+        if wanted is not None and wanted in self.empty:
             block_id = wanted
         elif self.empty:
             block_id = min(self.empty)
