@@ -61,3 +61,31 @@ def test_async_stream_can_be_abandoned(smollm2_path: Path) -> None:
             return await model.chat("Say yes.")
 
     assert asyncio.run(asyncio.wait_for(run(), timeout=120))
+
+
+def test_concurrent_async_streams_each_get_their_own_tokens_in_order(smollm2_path: Path) -> None:
+    """A step's events, made on the engine thread, reach each stream of one loop in order."""
+    prompts = ["Name a fruit.", "Count to five.", "Say hello in French.", "Name a colour."]
+
+    def request(text: str) -> dict[str, object]:
+        return {"messages": [{"role": "user", "content": text}], "temperature": 0, "max_tokens": 10}
+
+    async def stream(model: AsyncModel, text: str) -> str:
+        parts = [
+            c.choices[0].delta.content or ""
+            async for c in model.stream_chat_request(request(text))
+            if c.choices
+        ]
+        return "".join(parts)
+
+    async def run() -> list[str]:
+        async with await TextModelBuilder(smollm2_path).build_async() as model:
+            return list(await asyncio.gather(*(stream(model, p) for p in prompts)))
+
+    streamed = asyncio.run(run())
+    with TextModelBuilder(smollm2_path).build() as sync_model:
+        alone = [
+            sync_model.send_chat_request(request(p)).choices[0].message.content for p in prompts
+        ]
+    assert streamed == alone
+    assert len(set(streamed)) == len(prompts)

@@ -74,6 +74,11 @@ class Sampler:
             self.generator.manual_seed(seed)
         self.seen = set(prompt_ids)  # repetition penalty covers prompt and output
         self.output_counts: Counter[int] = Counter()
+        # logit bias as one indexed add a step: a Python loop of `logits[id] += bias` took
+        # about 8 µs an entry, per sequence, every step
+        self.bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+        self.bias_values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
+        self.bias_checked_for = -1  # the vocabulary size the bias ids were checked against
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """Apply penalties and logit bias to a `[vocab]` float32 row; returns a new row."""
@@ -91,13 +96,15 @@ class Sampler:
             logits[ids] -= p.frequency_penalty * counts + p.presence_penalty
         if p.logit_bias:
             vocab = logits.shape[-1]
-            for token_id, bias in p.logit_bias.items():
-                if not 0 <= token_id < vocab:
-                    raise InvalidRequestError(
-                        f"token id {token_id} is outside the vocabulary (size {vocab})",
-                        param="logit_bias",
-                    )
-                logits[token_id] += bias
+            if self.bias_checked_for != vocab:
+                for token_id in p.logit_bias:
+                    if not 0 <= token_id < vocab:
+                        raise InvalidRequestError(
+                            f"token id {token_id} is outside the vocabulary (size {vocab})",
+                            param="logit_bias",
+                        )
+                self.bias_checked_for = vocab
+            logits.index_add_(0, self.bias_ids, self.bias_values.to(logits.dtype))
         return logits
 
     def sample(self, logits: torch.Tensor) -> int:
