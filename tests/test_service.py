@@ -150,3 +150,15 @@ def test_stop_ends_the_service_and_removes_its_state(running: ServiceState, home
     assert not service.state_file(home / "models").exists()
     assert not service.is_healthy(running)
     assert service.stop() is None
+
+
+def test_a_serving_process_does_not_import_httpx() -> None:
+    """httpx (with its CLI's click, rich and pygments) costs 6 MB; the service never needs it."""
+    code = (
+        "import sys, ladle, ladle.cli, ladle.cli.serve, ladle.server.app, ladle.service\n"
+        "print(sorted(m for m in ('httpx', 'ladle.manager') if m in sys.modules))\n"
+        "from ladle import FoundryLocalManager\n"  # the client still imports on first use
+        "print(FoundryLocalManager.__module__, 'FoundryLocalManager' in dir(ladle))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[:2] == ["[]", "ladle.manager._sync True"]

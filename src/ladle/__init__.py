@@ -5,6 +5,11 @@ model = TextModelBuilder("SmolLM2-135M-Instruct.Q4_1.gguf").build()
 print(model.chat("Hello!"))
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ladle.builders import EmbeddingModelBuilder, GgufModelBuilder, TextModelBuilder
 from ladle.errors import (
     ContextLengthError,
@@ -18,14 +23,6 @@ from ladle.errors import (
     StructuredOutputError,
     UnsupportedArchitectureError,
     UnsupportedTensorTypeError,
-)
-from ladle.manager import (
-    AsyncFoundryLocalManager,
-    DeviceType,
-    ExecutionProvider,
-    FoundryLocalManager,
-    FoundryModelInfo,
-    ModelRuntime,
 )
 from ladle.messages import (
     EmbeddingRequestBuilder,
@@ -46,7 +43,41 @@ from ladle.protocol import (
     EmbeddingResponse,
 )
 
+if TYPE_CHECKING:
+    from ladle.manager import (
+        AsyncFoundryLocalManager,
+        DeviceType,
+        ExecutionProvider,
+        FoundryLocalManager,
+        FoundryModelInfo,
+        ModelRuntime,
+    )
+
 __version__ = "0.1.0"
+
+# The service's client (the manager) is imported on first use: it is built on httpx, whose
+# imports cost 6 MB of memory that the service itself, which imports this package, never needs.
+_MANAGER_NAMES = frozenset(
+    (
+        "AsyncFoundryLocalManager",
+        "DeviceType",
+        "ExecutionProvider",
+        "FoundryLocalManager",
+        "FoundryModelInfo",
+        "ModelRuntime",
+    )
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MANAGER_NAMES:
+        return getattr(importlib.import_module("ladle.manager"), name)
+    raise AttributeError(f"module 'ladle' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MANAGER_NAMES})
+
 
 __all__ = [
     "AsyncFoundryLocalManager",

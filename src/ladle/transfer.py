@@ -22,14 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import quote, urlparse
 from urllib.request import url2pathname
 
-import httpx
-
 from ladle import envconfig
 from ladle.errors import DownloadError
+
+if TYPE_CHECKING:
+    import httpx
 
 logger = logging.getLogger(__name__)
 
@@ -290,6 +291,10 @@ def _download_http(url: str, headers: dict[str, str], partial: Partial, size: in
         partial.restart()
     if size is not None and partial.size == size:
         return size  # a previous try got every byte; publish() checks them
+    # imported on the first download: httpx and its CLI's imports (click, rich, pygments) cost
+    # 6 MB of memory that a serving process, which imports this module, would otherwise carry
+    import httpx
+
     failures = 0
     timeout = httpx.Timeout(60.0, connect=15.0)
     with httpx.Client(follow_redirects=True, timeout=timeout) as client:

@@ -19,7 +19,6 @@ from ladle.cli._common import (
     table,
 )
 from ladle.errors import ModelNotFoundError, ServiceError
-from ladle.manager import FoundryLocalManager
 
 
 def add_model(sub: Any) -> None:
@@ -98,6 +97,8 @@ def _model_download(args: argparse.Namespace) -> int:
 
 
 def _model_load(args: argparse.Namespace) -> int:
+    from ladle.manager import FoundryLocalManager  # on use: see ladle/__init__.py
+
     with FoundryLocalManager() as manager:
         info = manager.load_model(args.model, ttl=args.ttl)
         print(f"Model {info.id} loaded on {manager.endpoint}")
@@ -105,6 +106,8 @@ def _model_load(args: argparse.Namespace) -> int:
 
 
 def _model_unload(args: argparse.Namespace) -> int:
+    from ladle.manager import FoundryLocalManager  # on use: see ladle/__init__.py
+
     with FoundryLocalManager(bootstrap=False) as manager:
         if not manager.is_service_running():
             raise ServiceError(NOT_RUNNING)

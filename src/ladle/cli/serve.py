@@ -18,7 +18,6 @@ from ladle.cli._common import (
     json_option,
     table,
 )
-from ladle.manager import FoundryLocalManager
 from ladle.server.app import ServerSettings, serve
 from ladle.service import ServiceState
 
@@ -148,6 +147,8 @@ def _service_status(args: argparse.Namespace) -> int:
 
 
 def _service_ps(args: argparse.Namespace) -> int:
+    from ladle.manager import FoundryLocalManager  # on use: see ladle/__init__.py
+
     with FoundryLocalManager(bootstrap=False) as manager:
         loaded = manager.list_loaded_models()
     if args.json:
