@@ -152,11 +152,12 @@ def test_stop_ends_the_service_and_removes_its_state(running: ServiceState, home
     assert service.stop() is None
 
 
-def test_a_serving_process_does_not_import_httpx() -> None:
-    """httpx (with its CLI's click, rich and pygments) costs 6 MB; the service never needs it."""
+def test_a_serving_process_imports_httpx_and_llguidance_only_on_use() -> None:
+    """httpx (with its CLI's rich and pygments) costs 5-6 MB and llguidance 2 MB of a server's
+    memory: the client, downloads and constrained requests import them when they need them."""
     code = (
         "import sys, ladle, ladle.cli, ladle.cli.serve, ladle.server.app, ladle.service\n"
-        "print(sorted(m for m in ('httpx', 'ladle.manager') if m in sys.modules))\n"
+        "print(sorted(m for m in ('httpx', 'ladle.manager', 'llguidance') if m in sys.modules))\n"
         "from ladle import FoundryLocalManager\n"  # the client still imports on first use
         "print(FoundryLocalManager.__module__, 'FoundryLocalManager' in dir(ladle))\n"
     )

@@ -13,14 +13,16 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from llguidance import LLMatcher, LLTokenizer
 
 from ladle.engine.loading.tokenizer import Tokenizer
 from ladle.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher, LLTokenizer
 
 KINDS = ("json_schema", "regex", "lark", "llguidance")
 
@@ -36,6 +38,8 @@ class CompiledGrammar:
     tokenizer: LLTokenizer
 
     def matcher(self) -> GrammarMatcher:
+        from llguidance import LLMatcher  # on use: see GrammarCompiler
+
         matcher = LLMatcher(self.tokenizer, self.grammar, log_level=0)
         return GrammarMatcher(matcher, self.tokenizer.vocab_size)
 
@@ -44,7 +48,8 @@ class GrammarCompiler:
     """Turns constraints into grammars for one model's tokenizer.
 
     llguidance's view of the vocabulary takes about 0.3 s to build, so it is built on the first
-    constrained request rather than with every model.
+    constrained request rather than with every model; llguidance itself is imported then too
+    (2 MB of memory that a server whose requests are unconstrained never needs).
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
@@ -56,6 +61,8 @@ class GrammarCompiler:
     def ll_tokenizer(self) -> LLTokenizer:
         with self._lock:
             if self._ll_tokenizer is None:
+                from llguidance import LLTokenizer
+
                 tok = self._tokenizer
                 self._ll_tokenizer = LLTokenizer(
                     tok.to_json(),
@@ -66,6 +73,8 @@ class GrammarCompiler:
 
     def compile(self, kind: str, value: Any, param: str) -> CompiledGrammar:
         """Compile a `kind` constraint (one of `KINDS`); errors name `param`."""
+        from llguidance import LLMatcher
+
         try:
             if kind == "json_schema":
                 if not isinstance(value, (dict, bool, str)):
