@@ -8,6 +8,8 @@ a logits row: a prompt chunk in the middle of a prefill needs none.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 
 from ladle.engine.kv_cache import KernelStep
@@ -28,7 +30,7 @@ class ModelRunner:
         """Compute the batch's tokens into the cache; logits `[vocab]` of completing ones."""
         ids: list[int] = []
         positions: list[int] = []
-        slots: list[torch.Tensor] = []
+        slots: list[int] = []
         sequences: list[SequenceSlots] = []
         last_rows: list[int] = []
         completing: list[Sequence] = []
@@ -38,12 +40,11 @@ class ModelRunner:
             rows = slice(len(ids), len(ids) + item.num_tokens)
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            every = self._slots(seq, end)
-            if isinstance(every, slice):
-                slots.append(torch.arange(every.start + start, every.stop))
-            else:
-                slots.append(every[start:end])
-            sequences.append(SequenceSlots(rows, start, every))
+            table, size = seq.block_table, self.block_size
+            # as Python ints, one tensor for the whole batch: a decode step's one slot per
+            # sequence cost 16 µs a sequence as tensor arithmetic
+            slots.extend(table[p // size] * size + p % size for p in range(start, end))
+            sequences.append(SequenceSlots(rows, start, table, seq.contiguous, size))
             if item.completes:
                 last_rows.append(rows.stop - 1)
                 completing.append(seq)
@@ -75,20 +76,9 @@ class ModelRunner:
             all(n == 1 for n in query_lens),
         )
 
-    def _slots(self, seq: Sequence, num_tokens: int) -> slice | torch.Tensor:
-        """The slots of the sequence's first `num_tokens` tokens: a slice when one run."""
-        size, table = self.block_size, seq.block_table
-        if seq.contiguous:
-            first = table[0] * size
-            return slice(first, first + num_tokens)
-        blocks = torch.tensor(table[: -(-num_tokens // size)])
-        every = (blocks[:, None] * size + torch.arange(size)).flatten()
-        return every[:num_tokens]
 
-
-def _as_run(parts: list[torch.Tensor]) -> slice | torch.Tensor:
+def _as_run(slots: list[int]) -> slice | torch.Tensor:
     """All new tokens' slots, as a slice when they form one run (a slice write is cheaper)."""
-    slots = torch.cat(parts) if len(parts) > 1 else parts[0]
-    if len(slots) == 1 or bool((slots[1:] - slots[:-1] == 1).all()):
-        return slice(int(slots[0]), int(slots[0]) + len(slots))
-    return slots
+    if all(b - a == 1 for a, b in pairwise(slots)):
+        return slice(slots[0], slots[0] + len(slots))
+    return torch.tensor(slots)

@@ -55,13 +55,36 @@ class PagedKVCache:
                 pool[:, dst * size : (dst + 1) * size] = pool[:, src * size : (src + 1) * size]
 
 
+def token_slots(
+    block_table: list[int], contiguous: bool, block_size: int, end: int
+) -> slice | torch.Tensor:
+    """The slots of a sequence's first `end` tokens: a slice when its blocks are a run."""
+    if contiguous:
+        first = block_table[0] * block_size
+        return slice(first, first + end)
+    blocks = torch.tensor(block_table[: -(-end // block_size)])
+    return (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:end]
+
+
 @dataclass(slots=True)
 class SequenceSlots:
     """Where one sequence's tokens of a batch go, and where all of its keys are read from."""
 
     rows: slice  # its query rows in the batch
     start: int  # tokens cached before these rows
-    read: slice | torch.Tensor  # slots of its `start + num_rows` keys: a run, or gathered
+    block_table: list[int]
+    contiguous: bool  # whether block_table is one ascending run
+    block_size: int
+    _read: slice | torch.Tensor | None = None
+
+    @property
+    def read(self) -> slice | torch.Tensor:
+        """Slots of its `start + num_rows` keys, a run or gathered: built on first use, since
+        only attention in torch reads them (the native kernels read the block tables)."""
+        if self._read is None:
+            end = self.start + self.rows.stop - self.rows.start
+            self._read = token_slots(self.block_table, self.contiguous, self.block_size, end)
+        return self._read
 
 
 class KVBatch:
