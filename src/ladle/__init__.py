@@ -55,28 +55,17 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
+
 # The service's client (the manager) is imported on first use: it is built on httpx, whose
 # imports cost 6 MB of memory that the service itself, which imports this package, never needs.
-_MANAGER_NAMES = frozenset(
-    (
-        "AsyncFoundryLocalManager",
-        "DeviceType",
-        "ExecutionProvider",
-        "FoundryLocalManager",
-        "FoundryModelInfo",
-        "ModelRuntime",
-    )
-)
-
-
 def __getattr__(name: str) -> Any:
-    if name in _MANAGER_NAMES:
+    if name in __all__:  # the only names of __all__ not imported above are the manager's
         return getattr(importlib.import_module("ladle.manager"), name)
     raise AttributeError(f"module 'ladle' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_MANAGER_NAMES})
+    return sorted({*globals(), *__all__})
 
 
 __all__ = [
