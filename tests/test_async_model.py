@@ -89,3 +89,32 @@ def test_concurrent_async_streams_each_get_their_own_tokens_in_order(smollm2_pat
         ]
     assert streamed == alone
     assert len(set(streamed)) == len(prompts)
+
+
+def test_events_put_from_another_thread_reach_each_queue_in_order() -> None:
+    """The engine thread's puts reach the loop's queues through one mailbox, in order."""
+    import threading
+
+    from ladle.model import _AsyncSink
+
+    async def main() -> list[list[object]]:
+        sinks = [_AsyncSink() for _ in range(3)]
+        assert len({id(s.mailbox) for s in sinks}) == 1  # one loop, one mailbox
+
+        def engine() -> None:
+            for i in range(300):
+                sinks[i % 3].put(i)  # type: ignore[arg-type]
+            sinks[1].fail(ValueError("stop"))
+
+        thread = threading.Thread(target=engine)
+        thread.start()
+        got: list[list[object]] = [[], [], []]
+        for k, sink in enumerate(sinks):
+            for _ in range(100 + (k == 1)):
+                got[k].append(await asyncio.wait_for(sink.queue.get(), 10))
+        thread.join()
+        return got
+
+    got = asyncio.run(main())
+    assert [g[:100] for g in got] == [list(range(k, 300, 3)) for k in range(3)]
+    assert isinstance(got[1][100], ValueError)

@@ -145,6 +145,24 @@ def test_logprobs_match_raw_logits(model: Model) -> None:
     assert first.logprob == pytest.approx(expected, abs=1e-4)
 
 
+def test_logprobs_under_logit_bias_are_of_the_raw_logits(model: Model) -> None:
+    logits, _ = model.send_raw_chat_request(QUESTION)
+    unlikely = int(logits.argmin())  # the bias makes it the greedy pick; its logprob stays low
+    response = model.send_chat_request(
+        {
+            "messages": QUESTION,
+            "temperature": 0,
+            "max_tokens": 1,
+            "logprobs": True,
+            "logit_bias": {str(unlikely): 100},
+        }
+    )
+    first = response.choices[0].logprobs.content[0]  # type: ignore[union-attr]
+    expected = torch.log_softmax(logits, -1)[unlikely].item()
+    assert first.logprob == pytest.approx(expected, abs=1e-4)
+    assert first.logprob < -10
+
+
 def test_raw_chat_request_gives_first_token_logits_and_prompt_ids(model: Model) -> None:
     logits, prompt_ids = model.send_raw_chat_request(TextMessages().add_message("user", "Hi"))
     assert prompt_ids == model.tokenize([{"role": "user", "content": "Hi"}])

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import queue
+import threading
+import weakref
 from collections.abc import AsyncGenerator, Iterator
 from typing import Any, TypeVar, overload
 
@@ -53,16 +55,52 @@ class _ThreadSink:
         self.queue.put(error)
 
 
+_Item = TokenEvent | BaseException  # what a request's queue carries: its events, or its error
+
+
+class _Mailbox:
+    """What the engine thread hands one event loop's queues, taken in one wake-up of the loop.
+
+    The engine puts a decode step's events one after another; a `call_soon_threadsafe` each
+    was a write to the loop's wake-up socket each, and the woken loop thread took the GIL from
+    the engine between them.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue[_Item], _Item]] = []
+
+    def post(self, target: asyncio.Queue[_Item], item: _Item) -> None:
+        with self.lock:
+            self.pending.append((target, item))
+            if len(self.pending) > 1:  # a wake-up is already on its way
+                return
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for target, item in pending:
+            target.put_nowait(item)
+
+
+_MAILBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 class _AsyncSink:
     def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self.mailbox = _MAILBOXES.setdefault(loop, _Mailbox(loop))
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
 
     def put(self, event: TokenEvent) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        self.mailbox.post(self.queue, event)
 
     def fail(self, error: BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, error)
+        self.mailbox.post(self.queue, error)
 
 
 def _text_core(core: ModelCore | EmbeddingCore) -> ModelCore:

@@ -50,7 +50,7 @@ def _run(
     logits = -torch.arange(tokenizer.vocab_size, dtype=torch.float32) / tokenizer.vocab_size
     logits[favourite] = 10.0
     while seq.finish_reason is None:
-        seq.append_from_logits(logits)
+        sink.put(seq.append_from_logits(logits.clone()))  # sampling writes into its row
     return "".join(e.text for e in sink.events), seq.finish_reason
 
 

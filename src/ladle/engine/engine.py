@@ -28,7 +28,7 @@ from ladle.engine.model_runner import ModelRunner
 from ladle.engine.models.base import CausalLM
 from ladle.engine.sampling import SamplingParams
 from ladle.engine.scheduler import ScheduledSequence, Scheduler, SchedulerConfig
-from ladle.engine.sequence import Sequence, SequenceStatus, Sink
+from ladle.engine.sequence import Sequence, SequenceStatus, Sink, TokenEvent
 from ladle.engine.step_compiler import StepCompiler
 from ladle.errors import ContextLengthError, EngineClosedError
 
@@ -270,15 +270,25 @@ class LLMEngine:
         for item in batch:
             item.seq.num_computed_tokens += item.num_tokens
             self.blocks.commit(item.seq)
-        for seq, row in rows.items():
-            try:
-                seq.append_from_logits(row)
-            except Exception as e:
-                logger.exception("request failed")
-                self._fail(seq, e)
-                continue
-            if seq.status is SequenceStatus.FINISHED:
-                self.scheduler.finish(seq)  # its KV blocks are free at once
+        # the events go out once the whole step is sampled: handed over one by one, each woke
+        # the server's event loop, whose thread then held the GIL while the rest were sampled
+        outcomes: list[tuple[Sequence, TokenEvent | BaseException]] = []
+        with torch.inference_mode():  # the rows are inference tensors, sampled in place
+            for seq, row in rows.items():
+                try:
+                    outcomes.append((seq, seq.append_from_logits(row)))
+                except Exception as e:
+                    logger.exception("request failed")
+                    self.scheduler.finish(seq)
+                    outcomes.append((seq, e))
+                    continue
+                if seq.status is SequenceStatus.FINISHED:
+                    self.scheduler.finish(seq)  # its KV blocks are free at once
+        for seq, outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                seq.sink.fail(outcome)
+            else:
+                seq.sink.put(outcome)
 
     def _fail(self, seq: Sequence, error: BaseException) -> None:
         self.scheduler.finish(seq)

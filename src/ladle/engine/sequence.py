@@ -89,16 +89,21 @@ class Sequence:
     def is_prefilled(self) -> bool:
         return bool(self.output_ids) or self.status is SequenceStatus.FINISHED
 
-    def append_from_logits(self, logits: torch.Tensor) -> None:
-        """Sample the next token from a `[vocab]` row, update state and emit its event."""
+    def append_from_logits(self, logits: torch.Tensor) -> TokenEvent:
+        """Sample the next token from a `[vocab]` row, update state; returns its event.
+
+        The row is the caller's to give away: sampling changes it in place. The caller puts
+        the event in `self.sink` (the engine does, once the whole step is sampled).
+        """
+        raw = logits.clone() if self.params.logprobs else None  # of the unbiased row
         token_id = self._pick(logits)
         self.sampler.record(token_id)
         self.output_ids.append(token_id)
         self.token_ids.append(token_id)
         event = TokenEvent(self.index, token_id, "")
-        if self.params.logprobs:
+        if raw is not None:
             event.logprob, event.top_logprobs = top_logprobs(
-                logits, token_id, self.params.top_logprobs
+                raw, token_id, self.params.top_logprobs
             )
         if token_id in self.stop_token_ids and not self.params.ignore_eos:
             event.text = self.stop_matcher.push(self.decoder.flush()) + self.stop_matcher.flush()
@@ -115,7 +120,7 @@ class Sequence:
                 tail = self.stop_matcher.push(self.decoder.flush())
                 event.text += tail + self.stop_matcher.flush()
                 self._finish(event, "stop" if self.stop_matcher.stopped else "length")
-        self.sink.put(event)
+        return event
 
     def _pick(self, logits: torch.Tensor) -> int:
         """Draw a token; under a constraint, mask and draw again only if the grammar forbids it."""
