@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Self
@@ -17,6 +18,7 @@ import torch
 
 from ladle import envconfig
 from ladle.catalog import resolve
+from ladle.devices import cgroup_cpu_quota
 from ladle.embedding_core import EmbeddingCore
 from ladle.engine.embedding_loader import LoadedEmbedder, load_embedder
 from ladle.engine.kv_cache import DEFAULT_KV_CACHE_DTYPE, parse_kv_cache_dtype
@@ -38,9 +40,13 @@ _DTYPES = {
 
 
 def available_cores() -> int:
-    """torch's default (the physical cores), within the CPUs this process may run on (a
-    container's or `taskset`'s limit, which torch ignores)."""
+    """torch's default (the physical cores), within the CPUs this process may run on
+    (`taskset`, a container's cpuset) and its cgroup's CPU quota rounded up (`docker run
+    --cpus`): torch ignores both."""
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        allowed = min(allowed or 1, math.ceil(quota))
     return max(1, min(torch.get_num_threads(), allowed or 1))
 
 
@@ -247,8 +253,7 @@ class EmbeddingModelBuilder(_Builder):
         )
 
     def _load_embedder(self) -> LoadedEmbedder:
-        if self.num_threads is not None:
-            torch.set_num_threads(self.num_threads)
+        torch.set_num_threads(self.num_threads or available_cores())
         return load_embedder(
             self.path,
             dtype=self.dtype,
