@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,27 @@ def test_the_default_thread_count_stays_within_the_quota(
     monkeypatch.setattr(builders, "cgroup_cpu_quota", lambda: quota)
     expected = min(torch.get_num_threads(), len(os.sched_getaffinity(0)))
     assert builders.available_cores() == (expected if cap is None else min(expected, cap))
+
+
+def test_a_process_in_a_real_cgroup_v1_with_half_a_cpu_runs_one_thread() -> None:
+    """On a machine whose cgroup v1 cpu hierarchy is writable (this project's, as root)."""
+    parent = Path("/sys/fs/cgroup/cpu")
+    folder = parent / f"ladle-test-{os.getpid()}"
+    try:
+        folder.mkdir()
+    except OSError as e:
+        pytest.skip(f"cannot make a cgroup under {parent}: {e}")
+    try:
+        (folder / "cpu.cfs_quota_us").write_text("50000")  # with the default period, 0.5 CPU
+        procs = folder / "cgroup.procs"
+        code = "from ladle.builders import available_cores; print(available_cores())"
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            preexec_fn=lambda: procs.write_text(str(os.getpid())),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert done.stdout.strip() == "1"
+    finally:
+        folder.rmdir()  # its one process has exited
