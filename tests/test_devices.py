@@ -65,9 +65,12 @@ def test_v1_reads_the_cpu_controller_folder_and_skips_unlimited_ones(tmp_path: P
     assert cgroup_cpu_quota(root, tmp_path / "membership") == 0.5
 
 
-def test_unreadable_or_malformed_files_limit_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cpu_max", ["lots of cpu", "100000 0", ""])
+def test_unreadable_or_malformed_files_limit_nothing(tmp_path: Path, cpu_max: str) -> None:
     assert cgroup_cpu_quota(tmp_path, tmp_path / "missing") is None
-    root, membership = _v2(tmp_path, "/x", {"x": "lots of cpu\n"})
+    root, membership = _v2(tmp_path, "/x", {"x": cpu_max})
+    assert cgroup_cpu_quota(root, membership) is None
+    membership.write_text("a line without colons\n")
     assert cgroup_cpu_quota(root, membership) is None
 
 

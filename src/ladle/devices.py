@@ -32,7 +32,10 @@ def cgroup_cpu_quota(
         return None
     limits: list[float] = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        parts = line.split(":", 2)  # hierarchy id, controllers, path
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
         if controllers == "":  # the v2 hierarchy: mounted at root, or at root/unified (hybrid)
             base = root if (root / "cgroup.controllers").exists() else root / "unified"
             limits += [q for d in _ancestry(base, path) if (q := _v2_quota(d)) is not None]
@@ -56,8 +59,8 @@ def _v2_quota(folder: Path) -> float | None:
     try:
         quota, period = (folder / "cpu.max").read_text().split()
         return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):  # the root has no cpu.max; a malformed file limits nothing
-        return None
+    except (OSError, ValueError, ZeroDivisionError):  # the root has none; a malformed one
+        return None  # limits nothing
 
 
 def _v1_quota(folder: Path) -> float | None:
