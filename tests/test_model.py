@@ -17,6 +17,8 @@ from ladle import (
     GgufModelBuilder,
     InvalidRequestError,
     Model,
+    ModelLoadError,
+    ModelNotFoundError,
     RequestBuilder,
     TextMessageRole,
     TextMessages,
@@ -282,3 +284,21 @@ def test_completion_stream_matches_and_reports_usage(model: Model) -> None:
     )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+
+
+def test_a_text_builder_takes_a_catalog_alias(
+    monkeypatch: pytest.MonkeyPatch, model: Model, smollm2_path: Path, tmp_path: Path
+) -> None:
+    """A bare name that is no file is the catalog's: its cached model, fetched once; a path
+    that is missing stays a load error naming the path."""
+    cache = smollm2_path.parents[2]  # the tests' cache: the catalog's copy is fetched once
+    monkeypatch.setenv("LADLE_CACHE_DIR", str(cache))
+    with TextModelBuilder("smollm2-135m-instruct").build() as by_alias:
+        loaded = Path(by_alias.config().path)
+        assert loaded.parent.parent == cache and loaded != smollm2_path
+        assert loaded.read_bytes() == smollm2_path.read_bytes()
+        assert greedy(by_alias, 8) == greedy(model, 8)
+    with pytest.raises(ModelNotFoundError, match="'no-such-model'"):
+        TextModelBuilder("no-such-model").build()
+    with pytest.raises(ModelLoadError, match=r"no-such-file\.gguf"):
+        TextModelBuilder(tmp_path / "no-such-file.gguf").build()

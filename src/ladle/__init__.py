@@ -10,7 +10,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ladle.builders import EmbeddingModelBuilder, GgufModelBuilder, TextModelBuilder
+from ladle.builders import (
+    EmbeddingModelBuilder,
+    GgufModelBuilder,
+    MultiModelBuilder,
+    TextModelBuilder,
+)
 from ladle.errors import (
     ContextLengthError,
     DownloadError,
@@ -96,6 +101,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelRuntime",
+    "MultiModelBuilder",
     "RequestBuilder",
     "ServiceError",
     "StructuredOutputError",

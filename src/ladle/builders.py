@@ -25,7 +25,7 @@ from ladle.engine.kv_cache import DEFAULT_KV_CACHE_DTYPE, parse_kv_cache_dtype
 from ladle.engine.loader import LoadedModel, load_model
 from ladle.engine.quant.isq import parse_isq_type
 from ladle.errors import InvalidRequestError, ModelLoadError
-from ladle.model import AsyncModel, Model
+from ladle.model import AsyncModel, Model, Models
 from ladle.model_core import ModelCore
 
 _DTYPES = {
@@ -177,11 +177,12 @@ class _Builder:
         logging.basicConfig(level=logging.INFO)
         return self
 
-    def _core(self) -> ModelCore | EmbeddingCore:
+    def _start(self, model_id: str | None = None) -> ModelCore | EmbeddingCore:
+        """Load the model and start its engine, named `model_id` (default: the builder's)."""
         self._check_isq()
         return ModelCore.start(
             self._load,
-            self.model_id or self.path.name,
+            model_id or self.model_id or self.path.name,
             self.max_num_seqs,
             self.max_seq_len,
             self.kv_cache_tokens,
@@ -203,18 +204,24 @@ class _Builder:
 
     def build(self) -> Model:
         """Load the model and start its engine."""
-        return Model(self._core())
+        return Model(self._start())
 
     async def build_async(self) -> AsyncModel:
         """Load the model on a worker thread and return its asyncio interface."""
-        return AsyncModel(await asyncio.to_thread(self._core))
+        return AsyncModel(await asyncio.to_thread(self._start))
 
 
 class TextModelBuilder(_Builder):
-    """Build a text model from a local path: a Hugging Face safetensors folder or a GGUF file."""
+    """Build a text model from a local path (a Hugging Face safetensors folder or a GGUF file)
+    or a catalog alias or id (`"smollm2-135m-instruct"`: the cached model, fetched once)."""
 
     def __init__(self, model_id_or_path: str | os.PathLike[str]) -> None:
         super().__init__(Path(model_id_or_path).expanduser())
+
+    def _start(self, model_id: str | None = None) -> ModelCore | EmbeddingCore:
+        if not self.path.exists() and len(self.path.parts) == 1:  # a bare name: the catalog's
+            self.path = resolve(str(self.path))
+        return super()._start(model_id)
 
 
 class GgufModelBuilder(_Builder):
@@ -242,12 +249,12 @@ class EmbeddingModelBuilder(_Builder):
         super().__init__(Path(path_or_alias).expanduser())
         self.max_num_seqs = 32
 
-    def _core(self) -> EmbeddingCore:
+    def _start(self, model_id: str | None = None) -> EmbeddingCore:
         self._check_isq()
         self.path = resolve(str(self.path))
         return EmbeddingCore.start(
             self._load_embedder,
-            self.model_id or self.path.name,
+            model_id or self.model_id or self.path.name,
             self.max_num_seqs,
             self.max_seq_len,
         )
@@ -262,3 +269,56 @@ class EmbeddingModelBuilder(_Builder):
             isq=self.isq,
             imatrix=self.imatrix,
         )
+
+
+class MultiModelBuilder:
+    """Several models behind one `Model` (mistral.rs's `MultiModelBuilder`): each is loaded by
+    its own builder and keeps its own engine and thread; a call picks one with `model_id=`, or
+    goes to the default (the first added, unless `with_default_model` names another)."""
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[_Builder, str | None]] = []
+        self._default: str | None = None
+
+    def add_model(self, builder: _Builder, alias: str | None = None) -> Self:
+        """Add a model, known by `alias` (default: the builder's model id, or its file name)."""
+        self._entries.append((builder, alias))
+        return self
+
+    def with_default_model(self, model_id: str) -> Self:
+        self._default = model_id
+        return self
+
+    def build(self) -> Model:
+        """Load every model in turn; if one fails, those already loaded are closed again."""
+        cores: list[ModelCore | EmbeddingCore] = []
+        try:
+            for builder, alias in self._entries:
+                cores.append(builder._start(alias))
+            return Model(self._registry(cores))
+        except BaseException:
+            for core in cores:
+                core.engine.close()
+            raise
+
+    async def build_async(self) -> AsyncModel:
+        """`build`, each model loaded on a worker thread; returns the asyncio interface."""
+        cores: list[ModelCore | EmbeddingCore] = []
+        try:
+            for builder, alias in self._entries:
+                cores.append(await asyncio.to_thread(builder._start, alias))
+            return AsyncModel(self._registry(cores))
+        except BaseException:
+            for core in cores:
+                await asyncio.to_thread(core.engine.close)
+            raise
+
+    def _registry(self, cores: list[ModelCore | EmbeddingCore]) -> Models:
+        if not cores:
+            raise InvalidRequestError("MultiModelBuilder has no models: call add_model first")
+        models = Models.of(cores[0])
+        for core in cores[1:]:
+            models.add(core)  # two models under one id: an error naming it
+        if self._default is not None:
+            models.set_default(self._default)
+        return models

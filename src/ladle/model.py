@@ -1,8 +1,10 @@
 """The `Model` API (mistral.rs's names) and its asyncio twin `AsyncModel`.
 
-Both wrap one core that holds every rule that does no waiting: a `ModelCore` (model_core.py)
-for a text model, an `EmbeddingCore` (embedding_core.py) for an embedding model; asking one
-for what only the other does is an `InvalidRequestError` naming the model.
+Both hold one or more cores by model id (`MultiModelBuilder` builds several; a call without
+`model_id=` goes to the default one). A core holds every rule that does no waiting: a
+`ModelCore` (model_core.py) for a text model, an `EmbeddingCore` (embedding_core.py) for an
+embedding model; asking one for what only the other does is an `InvalidRequestError` naming
+the model.
 `Model` waits on a thread queue, `AsyncModel` on an asyncio queue fed thread-safely by the
 engine; the methods have the same names in the same order, as httpx's `Client` and
 `AsyncClient` do.
@@ -16,7 +18,7 @@ import queue
 import threading
 import weakref
 from collections.abc import AsyncGenerator, Iterator
-from typing import Any, TypeVar, overload
+from typing import Any, Protocol, TypeVar, overload
 
 import torch
 from pydantic import BaseModel
@@ -25,7 +27,7 @@ from ladle.embedding_core import EmbeddingCore, EmbeddingInput
 from ladle.engine.engine import EngineStats, RequestHandle
 from ladle.engine.sampling import SamplingParams
 from ladle.engine.sequence import TokenEvent
-from ladle.errors import InvalidRequestError
+from ladle.errors import InvalidRequestError, ModelNotFoundError
 from ladle.messages import TextMessages
 from ladle.model_core import ChatInput, CompletionInput, ModelCore, ModelInfo
 from ladle.protocol import (
@@ -122,61 +124,181 @@ def _embedding_core(core: ModelCore | EmbeddingCore) -> EmbeddingCore:
     return core
 
 
-class Model:
-    """A loaded model, called from blocking code. Build one with `TextModelBuilder`,
-    `GgufModelBuilder` or `EmbeddingModelBuilder`; close it (or use it as a context manager)
-    to stop its engine."""
+Core = ModelCore | EmbeddingCore
 
-    def __init__(self, core: ModelCore | EmbeddingCore) -> None:
-        self._any_core = core
+
+class ModelBuilder(Protocol):
+    """What `add_model` needs of a builder (`TextModelBuilder`, `GgufModelBuilder`,
+    `EmbeddingModelBuilder`): load the model, start its engine, name it `model_id`."""
+
+    def _start(self, model_id: str | None = None) -> Core: ...
+
+
+class Models:
+    """The models one `Model` or `AsyncModel` serves, by id, and the default one: what
+    mistral.rs's multi-model calls (`list_models`, `set_default_model_id`, ...) act on. Each
+    model keeps its own engine and thread; the registry only routes."""
+
+    def __init__(self, cores: dict[str, Core], default: str) -> None:
+        if default not in cores:
+            raise ModelNotFoundError(default, f"this Model holds {sorted(cores)}")
+        self._cores = dict(cores)
+        self.default = default
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, core: Core) -> Models:
+        return cls({core.model_id: core}, core.model_id)
+
+    def get(self, model_id: str | None) -> Core:
+        with self._lock:
+            key = self.default if model_id is None else model_id
+            core = self._cores.get(key)
+            if core is None:
+                raise ModelNotFoundError(key, f"this Model holds {sorted(self._cores)}")
+            return core
+
+    def text(self, model_id: str | None) -> ModelCore:
+        return _text_core(self.get(model_id))
+
+    def embedder(self, model_id: str | None) -> EmbeddingCore:
+        return _embedding_core(self.get(model_id))
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._cores)
+
+    def cores(self) -> list[Core]:
+        with self._lock:
+            return list(self._cores.values())
+
+    def add(self, core: Core) -> None:
+        with self._lock:
+            if core.model_id in self._cores:
+                raise InvalidRequestError(
+                    f"a model with id {core.model_id!r} is already loaded; give another alias",
+                    param="model_id",
+                )
+            self._cores[core.model_id] = core
+
+    def set_default(self, model_id: str) -> None:
+        self.get(model_id)  # raises for an unknown id
+        with self._lock:
+            self.default = model_id
+
+    def remove(self, model_id: str) -> Core:
+        """Take a model out (its engine is the caller's to close); the first one left becomes
+        the default if it was. The last model stays: close the `Model` instead."""
+        with self._lock:
+            if model_id not in self._cores:
+                raise ModelNotFoundError(model_id, f"this Model holds {sorted(self._cores)}")
+            if len(self._cores) == 1:
+                raise InvalidRequestError(
+                    f"{model_id!r} is this Model's only model: close the Model instead",
+                    param="model_id",
+                )
+            core = self._cores.pop(model_id)
+            if self.default == model_id:
+                self.default = next(iter(self._cores))
+            return core
+
+
+class _Routing:
+    """What `Model` and `AsyncModel` share as is: their models by id, and the calls on them
+    that never wait."""
+
+    def __init__(self, models: Core | Models) -> None:
+        self._models = models if isinstance(models, Models) else Models.of(models)
 
     @property
     def _core(self) -> ModelCore:
-        return _text_core(self._any_core)
+        return self._models.text(None)
 
-    @property
-    def _embedder(self) -> EmbeddingCore:
-        return _embedding_core(self._any_core)
+    def list_models(self) -> list[str]:
+        """The ids of the models served, in the order they were added."""
+        return self._models.ids()
 
-    def chat(self, text: str) -> str:
+    def get_default_model_id(self) -> str:
+        """The model a call without `model_id` goes to."""
+        return self._models.default
+
+    def set_default_model_id(self, model_id: str) -> None:
+        self._models.set_default(model_id)
+
+    def engine_stats(self, model_id: str | None = None) -> EngineStats | None:
+        """Sequences running and waiting, KV blocks in use, preemptions, the compiled step
+        (None for an embedding model)."""
+        core = self._models.get(model_id)
+        return core.engine.stats() if isinstance(core, ModelCore) else None
+
+
+class Model(_Routing):
+    """Loaded models, called from blocking code. Build one with `TextModelBuilder`,
+    `GgufModelBuilder` or `EmbeddingModelBuilder`, or several with `MultiModelBuilder`; every
+    call takes `model_id=` to pick one (default: the default model). Close it (or use it as a
+    context manager) to stop the engines."""
+
+    # ---- several models (mistral.rs's multi-model calls; `list_models` and the default
+    # model's id come from `_Routing`)
+
+    def add_model(self, builder: ModelBuilder, alias: str | None = None) -> str:
+        """Load another model (its own engine and thread) under `alias` (default: the builder's
+        model id); returns its id."""
+        core = builder._start(alias)
+        try:
+            self._models.add(core)
+        except BaseException:
+            core.engine.close()
+            raise
+        return core.model_id
+
+    def remove_model(self, model_id: str) -> None:
+        """Stop a model's engine and free it; requests it is running fail with
+        `EngineClosedError`."""
+        self._models.remove(model_id).engine.close()
+
+    # ---- text
+
+    def chat(self, text: str, *, model_id: str | None = None) -> str:
         """Send one user message, greedily decoded, and return the reply's text."""
-        return self.send_chat_request(text).choices[0].message.content or ""
+        reply = self.send_chat_request(text, model_id=model_id)
+        return reply.choices[0].message.content or ""
 
-    def send_chat_request(self, request: ChatInput) -> ChatCompletionResponse:
+    def send_chat_request(
+        self, request: ChatInput, *, model_id: str | None = None
+    ) -> ChatCompletionResponse:
         """Run a chat request to completion; returns an OpenAI-shaped response with usage."""
-        core = self._core
+        core = self._models.text(model_id)
         req, prompt, params = core.prepare_chat(request)
         acc = core.chat_accumulator(req, prompt, params)
-        for event in self._events(prompt, params):
+        for event in _events(core, prompt, params):
             acc.add(event)
         return acc.chat_response(new_id("chatcmpl"), now(), core.model_id, req.logprobs)
 
-    def stream_chat_request(self, request: ChatInput) -> Iterator[ChatCompletionChunk]:
-        """Yield OpenAI-shaped chunks as tokens are generated; closing the iterator cancels."""
-        core = self._core
-        req, prompt, params = core.prepare_chat(request)
-        return self._stream_chat(req, prompt, params)
-
-    def _stream_chat(
-        self, req: ChatCompletionRequest, prompt: list[int], params: SamplingParams
+    def stream_chat_request(
+        self, request: ChatInput, *, model_id: str | None = None
     ) -> Iterator[ChatCompletionChunk]:
-        core, rid, created = self._core, new_id("chatcmpl"), now()
-        acc = core.chat_accumulator(req, prompt, params)
-        yield from core.first_chunks(rid, created, params.n)
-        for event in self._events(prompt, params):
-            logprob = acc.add(event)
-            yield from acc.chat_chunks(rid, created, core.model_id, event, logprob)
-        if req.stream_options and req.stream_options.include_usage:
-            yield core.usage_chunk(rid, created, acc)
+        """Yield OpenAI-shaped chunks as tokens are generated; closing the iterator cancels."""
+        core = self._models.text(model_id)
+        req, prompt, params = core.prepare_chat(request)
+        return _stream_chat(core, req, prompt, params)
 
     @overload
-    def generate_structured(self, schema: type[M], messages: ChatInput) -> M: ...
+    def generate_structured(
+        self, schema: type[M], messages: ChatInput, *, model_id: str | None = None
+    ) -> M: ...
 
     @overload
-    def generate_structured(self, schema: dict[str, Any], messages: ChatInput) -> Any: ...
+    def generate_structured(
+        self, schema: dict[str, Any], messages: ChatInput, *, model_id: str | None = None
+    ) -> Any: ...
 
     def generate_structured(
-        self, schema: type[BaseModel] | dict[str, Any], messages: ChatInput
+        self,
+        schema: type[BaseModel] | dict[str, Any],
+        messages: ChatInput,
+        *,
+        model_id: str | None = None,
     ) -> Any:
         """Reply with JSON constrained to `schema` and return it parsed: an instance of a pydantic
         model, or the JSON value (a dict for an object schema) for a JSON schema dict.
@@ -184,69 +306,71 @@ class Model:
         `messages` is any chat request shape; a reply cut off by its `max_tokens` raises
         `StructuredOutputError` rather than returning a partial value.
         """
-        req = structured_request(self._core.chat_request(messages), schema)
-        return parse_structured(schema, self.send_chat_request(req))
+        req = structured_request(self._models.text(model_id).chat_request(messages), schema)
+        return parse_structured(schema, self.send_chat_request(req, model_id=model_id))
 
-    def send_completion_request(self, request: CompletionInput) -> CompletionResponse:
+    def send_completion_request(
+        self, request: CompletionInput, *, model_id: str | None = None
+    ) -> CompletionResponse:
         """Complete a plain prompt (no chat template); OpenAI's text completion shape."""
-        core = self._core
+        core = self._models.text(model_id)
         req, prompt, params = core.prepare_completion(request)
         acc = Accumulator(params.n, core.tokenizer, len(prompt))
-        for event in self._events(prompt, params, continues_prompt=True):
+        for event in _events(core, prompt, params, continues_prompt=True):
             acc.add(event)
         prefix = core.echo_prefix(req, prompt)
         return acc.completion_response(
             new_id("cmpl"), now(), core.model_id, params.logprobs, prefix
         )
 
-    def stream_completion_request(self, request: CompletionInput) -> Iterator[CompletionResponse]:
-        """Yield text completion chunks as tokens are generated."""
-        core = self._core
-        req, prompt, params = core.prepare_completion(request)
-        return self._stream_completion(req, prompt, params)
-
-    def _stream_completion(
-        self, req: CompletionRequest, prompt: list[int], params: SamplingParams
+    def stream_completion_request(
+        self, request: CompletionInput, *, model_id: str | None = None
     ) -> Iterator[CompletionResponse]:
-        core, rid, created = self._core, new_id("cmpl"), now()
-        acc = Accumulator(params.n, core.tokenizer, len(prompt))
-        for event in self._events(prompt, params, continues_prompt=True):
-            logprob = acc.add(event)
-            if event.text or event.finish_reason or logprob:
-                yield completion_chunk(rid, created, core.model_id, event, logprob)
-        if req.stream_options and req.stream_options.include_usage:
-            yield core.completion_usage_chunk(rid, created, acc)
+        """Yield text completion chunks as tokens are generated."""
+        core = self._models.text(model_id)
+        req, prompt, params = core.prepare_completion(request)
+        return _stream_completion(core, req, prompt, params)
 
-    def send_raw_chat_request(self, request: ChatInput) -> tuple[torch.Tensor, list[int]]:
+    def send_raw_chat_request(
+        self, request: ChatInput, *, model_id: str | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
         """The logits of the first generated token (float32 `[vocab]`) and the prompt ids."""
-        core = self._core
+        core = self._models.text(model_id)
         _, prompt, _ = core.prepare_chat(request)
         return core.engine.run(
             functools.partial(core.engine.prompt_logits, prompt)
         ).result(), prompt
 
-    def logits_for(self, ids: list[int]) -> torch.Tensor:
+    def logits_for(self, ids: list[int], *, model_id: str | None = None) -> torch.Tensor:
         """Logits after every token of `ids` (float32 `[len(ids), vocab]`), as one sequence.
 
         Row `i` scores the token after `ids[: i + 1]`: what scoring a text (perplexity) needs.
         `send_raw_chat_request` gives only the last row, for a rendered chat. Requests being
         served pause while it runs: score a long text in windows (`ladle.perplexity` does).
         """
-        return self._core.logits_for(ids).result()
+        return self._models.text(model_id).logits_for(ids).result()
 
-    def generate_embeddings(self, request: EmbeddingInput) -> list[list[float]]:
+    # ---- embeddings
+
+    def generate_embeddings(
+        self, request: EmbeddingInput, *, model_id: str | None = None
+    ) -> list[list[float]]:
         """One vector per input, in input order: texts, or an `EmbeddingRequestBuilder`."""
-        return [d.vector() for d in self.send_embedding_request(request).data]
+        return [d.vector() for d in self.send_embedding_request(request, model_id=model_id).data]
 
-    def generate_embedding(self, text: str) -> list[float]:
-        return self.generate_embeddings([text])[0]
+    def generate_embedding(self, text: str, *, model_id: str | None = None) -> list[float]:
+        return self.generate_embeddings([text], model_id=model_id)[0]
 
-    def send_embedding_request(self, request: EmbeddingInput) -> EmbeddingResponse:
+    def send_embedding_request(
+        self, request: EmbeddingInput, *, model_id: str | None = None
+    ) -> EmbeddingResponse:
         """Embed as `POST /v1/embeddings` does; OpenAI's response shape, with usage."""
-        core = self._embedder
+        core = self._models.embedder(model_id)
         req = core.request(request)
         inputs = core.prepare(req)
         return core.response(req, inputs, core.engine.submit(inputs).result())
+
+    # ---- tokens and facts
 
     def tokenize(
         self,
@@ -256,11 +380,13 @@ class Model:
         add_special_tokens: bool = True,
         add_generation_prompt: bool = True,
         enable_thinking: bool | None = None,
+        model_id: str | None = None,
     ) -> list[int]:
         """Token ids of a text, or of messages rendered through the chat template."""
         if isinstance(text_or_messages, str):  # any model's tokenizer
-            return self._any_core.tokenizer.encode(text_or_messages, add_special_tokens)
-        return self._core.tokenize(
+            tokenizer = self._models.get(model_id).tokenizer
+            return tokenizer.encode(text_or_messages, add_special_tokens)
+        return self._models.text(model_id).tokenize(
             text_or_messages,
             tools=tools,
             add_special_tokens=add_special_tokens,
@@ -268,18 +394,21 @@ class Model:
             enable_thinking=enable_thinking,
         )
 
-    def detokenize(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
-        return self._any_core.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    def detokenize(
+        self, ids: list[int], *, skip_special_tokens: bool = False, model_id: str | None = None
+    ) -> str:
+        tokenizer = self._models.get(model_id).tokenizer
+        return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def config(self) -> ModelInfo:
-        """Architecture, modalities, device, dtype and context length."""
-        return self._any_core.info()
+    def config(self, model_id: str | None = None) -> ModelInfo:
+        return self._models.get(model_id).info()
 
-    def max_sequence_length(self) -> int:
-        return self._any_core.max_seq_len
+    def max_sequence_length(self, model_id: str | None = None) -> int:
+        return self._models.get(model_id).max_seq_len
 
     def close(self) -> None:
-        self._any_core.engine.close()
+        for core in self._models.cores():
+            core.engine.close()
 
     def __enter__(self) -> Model:
         return self
@@ -287,24 +416,13 @@ class Model:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _events(
-        self, prompt: list[int], params: SamplingParams, continues_prompt: bool = False
-    ) -> Iterator[TokenEvent]:
-        sink = _ThreadSink()
-        handle = self._core.engine.submit(prompt, params, sink, continues_prompt=continues_prompt)
-        yield from _drain(handle, params.n, sink.queue.get)
-
     # ---- the engine
 
-    def engine_stats(self) -> EngineStats | None:
-        """Sequences running and waiting, KV blocks in use, preemptions, the compiled step
-        (None for an embedding model)."""
-        core = self._any_core
-        return core.engine.stats() if isinstance(core, ModelCore) else None
-
-    def wait_until_compiled(self, timeout: float | None = None) -> bool:
+    def wait_until_compiled(
+        self, timeout: float | None = None, *, model_id: str | None = None
+    ) -> bool:
         """Block until the compiled step serves (True), or it failed or is off (False)."""
-        compiler = self._core.engine.compiler
+        compiler = self._models.text(model_id).engine.compiler
         return compiler is not None and compiler.wait(timeout)
 
     # ---- in-place quantization (ISQ)
@@ -315,25 +433,55 @@ class Model:
         Reads the source weights again (the resident ones, with a warning, if the file is
         gone); requests in flight go on. Returns the canonical type name.
         """
-        return self._isq_core(model_id).quantizer.re_isq(str(ggml_type))
+        return self._models.text(model_id).quantizer.re_isq(str(ggml_type))
 
-    def begin_calibration(self) -> None:
+    def begin_calibration(self, model_id: str | None = None) -> None:
         """Start collecting each linear layer's input statistics from the traffic served."""
-        self._isq_core(None).quantizer.begin_calibration()
+        self._models.text(model_id).quantizer.begin_calibration()
 
-    def calibration_status(self) -> dict[str, int]:
+    def calibration_status(self, model_id: str | None = None) -> dict[str, int]:
         """Tokens each linear layer has seen since `begin_calibration`, by module name."""
-        return self._isq_core(None).quantizer.calibration_status()
+        return self._models.text(model_id).quantizer.calibration_status()
 
-    def apply_calibration(self, save_cimatrix: str | None = None) -> str:
+    def apply_calibration(
+        self, save_cimatrix: str | None = None, model_id: str | None = None
+    ) -> str:
         """Re-quantize weighted by the statistics collected; save them to `save_cimatrix`."""
-        return self._isq_core(None).quantizer.apply_calibration(save_cimatrix)
+        return self._models.text(model_id).quantizer.apply_calibration(save_cimatrix)
 
-    def _isq_core(self, model_id: str | None) -> ModelCore:
-        core = self._core
-        if model_id is not None and model_id != core.model_id:
-            raise InvalidRequestError(f"this model is {core.model_id!r}", "model_id")
-        return core
+
+def _events(
+    core: ModelCore, prompt: list[int], params: SamplingParams, continues_prompt: bool = False
+) -> Iterator[TokenEvent]:
+    sink = _ThreadSink()
+    handle = core.engine.submit(prompt, params, sink, continues_prompt=continues_prompt)
+    yield from _drain(handle, params.n, sink.queue.get)
+
+
+def _stream_chat(
+    core: ModelCore, req: ChatCompletionRequest, prompt: list[int], params: SamplingParams
+) -> Iterator[ChatCompletionChunk]:
+    rid, created = new_id("chatcmpl"), now()
+    acc = core.chat_accumulator(req, prompt, params)
+    yield from core.first_chunks(rid, created, params.n)
+    for event in _events(core, prompt, params):
+        logprob = acc.add(event)
+        yield from acc.chat_chunks(rid, created, core.model_id, event, logprob)
+    if req.stream_options and req.stream_options.include_usage:
+        yield core.usage_chunk(rid, created, acc)
+
+
+def _stream_completion(
+    core: ModelCore, req: CompletionRequest, prompt: list[int], params: SamplingParams
+) -> Iterator[CompletionResponse]:
+    rid, created = new_id("cmpl"), now()
+    acc = Accumulator(params.n, core.tokenizer, len(prompt))
+    for event in _events(core, prompt, params, continues_prompt=True):
+        logprob = acc.add(event)
+        if event.text or event.finish_reason or logprob:
+            yield completion_chunk(rid, created, core.model_id, event, logprob)
+    if req.stream_options and req.stream_options.include_usage:
+        yield core.completion_usage_chunk(rid, created, acc)
 
 
 def _drain(handle: RequestHandle, n: int, get: Any) -> Iterator[TokenEvent]:
@@ -350,40 +498,48 @@ def _drain(handle: RequestHandle, n: int, get: Any) -> Iterator[TokenEvent]:
             handle.abort()
 
 
-class AsyncModel:
+class AsyncModel(_Routing):
     """`Model` for asyncio code: the same methods, awaited; streams are async iterators."""
 
-    def __init__(self, core: ModelCore | EmbeddingCore) -> None:
-        self._any_core = core
+    # ---- several models
 
-    @property
-    def _core(self) -> ModelCore:
-        return _text_core(self._any_core)
+    async def add_model(self, builder: ModelBuilder, alias: str | None = None) -> str:
+        core = await asyncio.to_thread(builder._start, alias)
+        try:
+            self._models.add(core)
+        except BaseException:
+            await asyncio.to_thread(core.engine.close)
+            raise
+        return core.model_id
 
-    @property
-    def _embedder(self) -> EmbeddingCore:
-        return _embedding_core(self._any_core)
+    async def remove_model(self, model_id: str) -> None:
+        await asyncio.to_thread(self._models.remove(model_id).engine.close)
 
-    async def chat(self, text: str) -> str:
-        return (await self.send_chat_request(text)).choices[0].message.content or ""
+    # ---- text
 
-    async def send_chat_request(self, request: ChatInput) -> ChatCompletionResponse:
-        core = self._core
+    async def chat(self, text: str, *, model_id: str | None = None) -> str:
+        reply = await self.send_chat_request(text, model_id=model_id)
+        return reply.choices[0].message.content or ""
+
+    async def send_chat_request(
+        self, request: ChatInput, *, model_id: str | None = None
+    ) -> ChatCompletionResponse:
+        core = self._models.text(model_id)
         req, prompt, params = core.prepare_chat(request)
         acc = core.chat_accumulator(req, prompt, params)
-        async for event in self._events(prompt, params):
+        async for event in _async_events(core, prompt, params):
             acc.add(event)
         return acc.chat_response(new_id("chatcmpl"), now(), core.model_id, req.logprobs)
 
     async def stream_chat_request(
-        self, request: ChatInput
+        self, request: ChatInput, *, model_id: str | None = None
     ) -> AsyncGenerator[ChatCompletionChunk, None]:
-        core, rid, created = self._core, new_id("chatcmpl"), now()
+        core, rid, created = self._models.text(model_id), new_id("chatcmpl"), now()
         req, prompt, params = core.prepare_chat(request)
         acc = core.chat_accumulator(req, prompt, params)
         for chunk in core.first_chunks(rid, created, params.n):
             yield chunk
-        async for event in self._events(prompt, params):
+        async for event in _async_events(core, prompt, params):
             logprob = acc.add(event)
             for chunk in acc.chat_chunks(rid, created, core.model_id, event, logprob):
                 yield chunk
@@ -391,22 +547,32 @@ class AsyncModel:
             yield core.usage_chunk(rid, created, acc)
 
     @overload
-    async def generate_structured(self, schema: type[M], messages: ChatInput) -> M: ...
+    async def generate_structured(
+        self, schema: type[M], messages: ChatInput, *, model_id: str | None = None
+    ) -> M: ...
 
     @overload
-    async def generate_structured(self, schema: dict[str, Any], messages: ChatInput) -> Any: ...
+    async def generate_structured(
+        self, schema: dict[str, Any], messages: ChatInput, *, model_id: str | None = None
+    ) -> Any: ...
 
     async def generate_structured(
-        self, schema: type[BaseModel] | dict[str, Any], messages: ChatInput
+        self,
+        schema: type[BaseModel] | dict[str, Any],
+        messages: ChatInput,
+        *,
+        model_id: str | None = None,
     ) -> Any:
-        req = structured_request(self._core.chat_request(messages), schema)
-        return parse_structured(schema, await self.send_chat_request(req))
+        req = structured_request(self._models.text(model_id).chat_request(messages), schema)
+        return parse_structured(schema, await self.send_chat_request(req, model_id=model_id))
 
-    async def send_completion_request(self, request: CompletionInput) -> CompletionResponse:
-        core = self._core
+    async def send_completion_request(
+        self, request: CompletionInput, *, model_id: str | None = None
+    ) -> CompletionResponse:
+        core = self._models.text(model_id)
         req, prompt, params = core.prepare_completion(request)
         acc = Accumulator(params.n, core.tokenizer, len(prompt))
-        async for event in self._events(prompt, params, continues_prompt=True):
+        async for event in _async_events(core, prompt, params, continues_prompt=True):
             acc.add(event)
         prefix = core.echo_prefix(req, prompt)
         return acc.completion_response(
@@ -414,42 +580,52 @@ class AsyncModel:
         )
 
     async def stream_completion_request(
-        self, request: CompletionInput
+        self, request: CompletionInput, *, model_id: str | None = None
     ) -> AsyncGenerator[CompletionResponse, None]:
-        core, rid, created = self._core, new_id("cmpl"), now()
+        core, rid, created = self._models.text(model_id), new_id("cmpl"), now()
         req, prompt, params = core.prepare_completion(request)
         acc = Accumulator(params.n, core.tokenizer, len(prompt))
-        async for event in self._events(prompt, params, continues_prompt=True):
+        async for event in _async_events(core, prompt, params, continues_prompt=True):
             logprob = acc.add(event)
             if event.text or event.finish_reason or logprob:
                 yield completion_chunk(rid, created, core.model_id, event, logprob)
         if req.stream_options and req.stream_options.include_usage:
             yield core.completion_usage_chunk(rid, created, acc)
 
-    async def send_raw_chat_request(self, request: ChatInput) -> tuple[torch.Tensor, list[int]]:
-        core = self._core
+    async def send_raw_chat_request(
+        self, request: ChatInput, *, model_id: str | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
+        core = self._models.text(model_id)
         _, prompt, _ = core.prepare_chat(request)
         logits = await asyncio.wrap_future(
             core.engine.run(functools.partial(core.engine.prompt_logits, prompt))
         )
         return logits, prompt
 
-    async def logits_for(self, ids: list[int]) -> torch.Tensor:
-        return await asyncio.wrap_future(self._core.logits_for(ids))
+    async def logits_for(self, ids: list[int], *, model_id: str | None = None) -> torch.Tensor:
+        return await asyncio.wrap_future(self._models.text(model_id).logits_for(ids))
 
-    async def generate_embeddings(self, request: EmbeddingInput) -> list[list[float]]:
-        response = await self.send_embedding_request(request)
+    # ---- embeddings
+
+    async def generate_embeddings(
+        self, request: EmbeddingInput, *, model_id: str | None = None
+    ) -> list[list[float]]:
+        response = await self.send_embedding_request(request, model_id=model_id)
         return [d.vector() for d in response.data]
 
-    async def generate_embedding(self, text: str) -> list[float]:
-        return (await self.generate_embeddings([text]))[0]
+    async def generate_embedding(self, text: str, *, model_id: str | None = None) -> list[float]:
+        return (await self.generate_embeddings([text], model_id=model_id))[0]
 
-    async def send_embedding_request(self, request: EmbeddingInput) -> EmbeddingResponse:
-        core = self._embedder
+    async def send_embedding_request(
+        self, request: EmbeddingInput, *, model_id: str | None = None
+    ) -> EmbeddingResponse:
+        core = self._models.embedder(model_id)
         req = core.request(request)
         inputs = core.prepare(req)
         vectors = await asyncio.wrap_future(core.engine.submit(inputs))
         return core.response(req, inputs, vectors)
+
+    # ---- tokens and facts
 
     async def tokenize(
         self,
@@ -459,10 +635,12 @@ class AsyncModel:
         add_special_tokens: bool = True,
         add_generation_prompt: bool = True,
         enable_thinking: bool | None = None,
+        model_id: str | None = None,
     ) -> list[int]:
         if isinstance(text_or_messages, str):  # any model's tokenizer
-            return self._any_core.tokenizer.encode(text_or_messages, add_special_tokens)
-        return self._core.tokenize(
+            tokenizer = self._models.get(model_id).tokenizer
+            return tokenizer.encode(text_or_messages, add_special_tokens)
+        return self._models.text(model_id).tokenize(
             text_or_messages,
             tools=tools,
             add_special_tokens=add_special_tokens,
@@ -470,17 +648,21 @@ class AsyncModel:
             enable_thinking=enable_thinking,
         )
 
-    async def detokenize(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
-        return self._any_core.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    async def detokenize(
+        self, ids: list[int], *, skip_special_tokens: bool = False, model_id: str | None = None
+    ) -> str:
+        tokenizer = self._models.get(model_id).tokenizer
+        return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    async def config(self) -> ModelInfo:
-        return self._any_core.info()
+    async def config(self, model_id: str | None = None) -> ModelInfo:
+        return self._models.get(model_id).info()
 
-    async def max_sequence_length(self) -> int:
-        return self._any_core.max_seq_len
+    async def max_sequence_length(self, model_id: str | None = None) -> int:
+        return self._models.get(model_id).max_seq_len
 
     async def aclose(self) -> None:
-        await asyncio.to_thread(self._any_core.engine.close)
+        for core in self._models.cores():
+            await asyncio.to_thread(core.engine.close)
 
     async def __aenter__(self) -> AsyncModel:
         return self
@@ -488,47 +670,45 @@ class AsyncModel:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _events(
-        self, prompt: list[int], params: SamplingParams, continues_prompt: bool = False
-    ) -> AsyncGenerator[TokenEvent, None]:
-        sink = _AsyncSink()
-        handle = self._core.engine.submit(prompt, params, sink, continues_prompt=continues_prompt)
-        finished = 0
-        try:
-            while finished < params.n:
-                item = await sink.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished += item.finish_reason is not None
-                yield item
-        finally:
-            if finished < params.n:
-                handle.abort()
+    # ---- the engine, and in-place quantization (ISQ): `Model`'s methods, off the event loop
 
-    # ---- in-place quantization (ISQ): `Model`'s methods, run off the event loop
-
-    def engine_stats(self) -> EngineStats | None:
-        """Sequences running and waiting, KV blocks in use, preemptions, the compiled step
-        (None for an embedding model)."""
-        core = self._any_core
-        return core.engine.stats() if isinstance(core, ModelCore) else None
-
-    async def wait_until_compiled(self, timeout: float | None = None) -> bool:
+    async def wait_until_compiled(
+        self, timeout: float | None = None, *, model_id: str | None = None
+    ) -> bool:
         """Wait until the compiled step serves (True), or it failed or is off (False)."""
-        compiler = self._core.engine.compiler
+        compiler = self._models.text(model_id).engine.compiler
         return compiler is not None and await asyncio.to_thread(compiler.wait, timeout)
 
     async def re_isq_model(self, ggml_type: str | int, model_id: str | None = None) -> str:
-        core = self._core
-        if model_id is not None and model_id != core.model_id:
-            raise InvalidRequestError(f"this model is {core.model_id!r}", "model_id")
+        core = self._models.text(model_id)
         return await asyncio.to_thread(core.quantizer.re_isq, str(ggml_type))
 
-    async def begin_calibration(self) -> None:
-        await asyncio.to_thread(self._core.quantizer.begin_calibration)
+    async def begin_calibration(self, model_id: str | None = None) -> None:
+        await asyncio.to_thread(self._models.text(model_id).quantizer.begin_calibration)
 
-    async def calibration_status(self) -> dict[str, int]:
-        return self._core.quantizer.calibration_status()
+    async def calibration_status(self, model_id: str | None = None) -> dict[str, int]:
+        return self._models.text(model_id).quantizer.calibration_status()
 
-    async def apply_calibration(self, save_cimatrix: str | None = None) -> str:
-        return await asyncio.to_thread(self._core.quantizer.apply_calibration, save_cimatrix)
+    async def apply_calibration(
+        self, save_cimatrix: str | None = None, model_id: str | None = None
+    ) -> str:
+        quantizer = self._models.text(model_id).quantizer
+        return await asyncio.to_thread(quantizer.apply_calibration, save_cimatrix)
+
+
+async def _async_events(
+    core: ModelCore, prompt: list[int], params: SamplingParams, continues_prompt: bool = False
+) -> AsyncGenerator[TokenEvent, None]:
+    sink = _AsyncSink()
+    handle = core.engine.submit(prompt, params, sink, continues_prompt=continues_prompt)
+    finished = 0
+    try:
+        while finished < params.n:
+            item = await sink.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            finished += item.finish_reason is not None
+            yield item
+    finally:
+        if finished < params.n:
+            handle.abort()
