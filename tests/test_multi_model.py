@@ -177,3 +177,51 @@ def test_the_async_model_routes_adds_and_removes_alike(smollm2_path: Path) -> No
     before = _engines()
     asyncio.run(main())
     assert _engines() == before
+
+
+def test_an_unloaded_model_keeps_its_id_and_loads_again(smollm2_path: Path) -> None:
+    before = _engines()
+    m = GgufModelBuilder(smollm2_path.parent, smollm2_path.name).with_model_id("solo").build()
+    try:
+        reply = m.send_chat_request(_greedy()).choices[0].message.content
+        m.unload_model("solo")
+        assert "ladle-engine[solo]" not in _engines()
+        assert not m.is_model_loaded("solo")
+        assert m.list_models_with_status() == [("solo", "unloaded")]
+        with pytest.raises(InvalidRequestError, match=r"unloaded: reload_model\('solo'\)"):
+            m.chat("Hi")
+        with pytest.raises(InvalidRequestError, match="already unloaded"):
+            m.unload_model("solo")
+        m.reload_model("solo")
+        m.reload_model("solo")  # loaded already: left as it is
+        assert m.list_models_with_status() == [("solo", "loaded")]
+        assert m.send_chat_request(_greedy()).choices[0].message.content == reply
+        assert not m.is_model_loaded("other")
+    finally:
+        m.close()
+    assert _engines() == before
+
+
+def test_the_async_model_unloads_and_reloads_too(smollm2_path: Path) -> None:
+    async def main() -> None:
+        m = await (
+            MultiModelBuilder()
+            .add_model(GgufModelBuilder(smollm2_path.parent, smollm2_path.name), alias="p")
+            .add_model(GgufModelBuilder(smollm2_path.parent, smollm2_path.name), alias="q")
+            .build_async()
+        )
+        try:
+            await m.unload_model("q")
+            assert m.list_models_with_status() == [("p", "loaded"), ("q", "unloaded")]
+            assert (await m.send_chat_request(_greedy(2))).model == "p"
+            await m.reload_model("q")
+            assert (await m.send_chat_request(_greedy(2), model_id="q")).model == "q"
+            await m.unload_model("q")
+            await m.remove_model("q")  # an unloaded model has no engine left to stop
+            assert m.list_models() == ["p"]
+        finally:
+            await m.aclose()
+
+    before = _engines()
+    asyncio.run(main())
+    assert _engines() == before

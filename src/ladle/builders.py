@@ -204,11 +204,11 @@ class _Builder:
 
     def build(self) -> Model:
         """Load the model and start its engine."""
-        return Model(self._start())
+        return Model(Models.of(self._start(), self))
 
     async def build_async(self) -> AsyncModel:
         """Load the model on a worker thread and return its asyncio interface."""
-        return AsyncModel(await asyncio.to_thread(self._start))
+        return AsyncModel(Models.of(await asyncio.to_thread(self._start), self))
 
 
 class TextModelBuilder(_Builder):
@@ -316,9 +316,9 @@ class MultiModelBuilder:
     def _registry(self, cores: list[ModelCore | EmbeddingCore]) -> Models:
         if not cores:
             raise InvalidRequestError("MultiModelBuilder has no models: call add_model first")
-        models = Models.of(cores[0])
-        for core in cores[1:]:
-            models.add(core)  # two models under one id: an error naming it
+        models = Models()
+        for core, (builder, _) in zip(cores, self._entries, strict=True):
+            models.add(core, builder)  # two models under one id: an error naming it
         if self._default is not None:
             models.set_default(self._default)
         return models

@@ -18,6 +18,7 @@ import queue
 import threading
 import weakref
 from collections.abc import AsyncGenerator, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, overload
 
 import torch
@@ -134,29 +135,40 @@ class ModelBuilder(Protocol):
     def _start(self, model_id: str | None = None) -> Core: ...
 
 
+@dataclass(slots=True)
+class _Slot:
+    core: Core | None  # None while unloaded
+    builder: ModelBuilder | None  # what loads it again (None: it cannot be reloaded)
+
+
 class Models:
     """The models one `Model` or `AsyncModel` serves, by id, and the default one: what
-    mistral.rs's multi-model calls (`list_models`, `set_default_model_id`, ...) act on. Each
-    model keeps its own engine and thread; the registry only routes."""
+    mistral.rs's multi-model calls (`list_models`, `set_default_model_id`, `unload_model`, ...)
+    act on. Each model keeps its own engine and thread; the registry only routes, and keeps
+    each model's builder so that an unloaded model can be loaded again."""
 
-    def __init__(self, cores: dict[str, Core], default: str) -> None:
-        if default not in cores:
-            raise ModelNotFoundError(default, f"this Model holds {sorted(cores)}")
-        self._cores = dict(cores)
-        self.default = default
+    def __init__(self) -> None:
+        self._slots: dict[str, _Slot] = {}
+        self.default = ""
         self._lock = threading.Lock()
+        self._loading = threading.Lock()  # one reload at a time: a model is never loaded twice
 
     @classmethod
-    def of(cls, core: Core) -> Models:
-        return cls({core.model_id: core}, core.model_id)
+    def of(cls, core: Core, builder: ModelBuilder | None = None) -> Models:
+        models = cls()
+        models.add(core, builder)
+        return models
 
     def get(self, model_id: str | None) -> Core:
         with self._lock:
             key = self.default if model_id is None else model_id
-            core = self._cores.get(key)
-            if core is None:
-                raise ModelNotFoundError(key, f"this Model holds {sorted(self._cores)}")
-            return core
+            slot = self._slot(key)
+            if slot.core is None:
+                raise InvalidRequestError(
+                    f"model {key!r} is unloaded: reload_model({key!r}) loads it again",
+                    param="model_id",
+                )
+            return slot.core
 
     def text(self, model_id: str | None) -> ModelCore:
         return _text_core(self.get(model_id))
@@ -166,41 +178,74 @@ class Models:
 
     def ids(self) -> list[str]:
         with self._lock:
-            return list(self._cores)
+            return list(self._slots)
+
+    def status(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return [(i, "unloaded" if s.core is None else "loaded") for i, s in self._slots.items()]
 
     def cores(self) -> list[Core]:
         with self._lock:
-            return list(self._cores.values())
+            return [s.core for s in self._slots.values() if s.core is not None]
 
-    def add(self, core: Core) -> None:
+    def add(self, core: Core, builder: ModelBuilder | None = None) -> None:
         with self._lock:
-            if core.model_id in self._cores:
+            if core.model_id in self._slots:
                 raise InvalidRequestError(
                     f"a model with id {core.model_id!r} is already loaded; give another alias",
                     param="model_id",
                 )
-            self._cores[core.model_id] = core
+            self._slots[core.model_id] = _Slot(core, builder)
+            self.default = self.default or core.model_id
 
     def set_default(self, model_id: str) -> None:
-        self.get(model_id)  # raises for an unknown id
         with self._lock:
+            self._slot(model_id)  # raises for an unknown id
             self.default = model_id
 
-    def remove(self, model_id: str) -> Core:
-        """Take a model out (its engine is the caller's to close); the first one left becomes
-        the default if it was. The last model stays: close the `Model` instead."""
+    def remove(self, model_id: str) -> Core | None:
+        """Take a model out (its engine, if loaded, is the caller's to close); the first one
+        left becomes the default if it was. The last model stays: close the `Model` instead."""
         with self._lock:
-            if model_id not in self._cores:
-                raise ModelNotFoundError(model_id, f"this Model holds {sorted(self._cores)}")
-            if len(self._cores) == 1:
+            self._slot(model_id)
+            if len(self._slots) == 1:
                 raise InvalidRequestError(
                     f"{model_id!r} is this Model's only model: close the Model instead",
                     param="model_id",
                 )
-            core = self._cores.pop(model_id)
+            core = self._slots.pop(model_id).core
             if self.default == model_id:
-                self.default = next(iter(self._cores))
+                self.default = next(iter(self._slots))
             return core
+
+    def unload(self, model_id: str) -> Core:
+        """Mark a model unloaded and hand back its core, whose engine the caller closes."""
+        with self._lock:
+            slot = self._slot(model_id)
+            if slot.builder is None:
+                raise InvalidRequestError(f"{model_id!r} could not be loaded again", "model_id")
+            if slot.core is None:
+                raise InvalidRequestError(f"{model_id!r} is already unloaded", "model_id")
+            core, slot.core = slot.core, None
+            return core
+
+    def reload(self, model_id: str) -> None:
+        """Load an unloaded model again from its builder (blocking: seconds); a loaded one is
+        left as it is."""
+        with self._loading:
+            with self._lock:
+                slot = self._slot(model_id)
+                if slot.core is not None or slot.builder is None:
+                    return
+            core = slot.builder._start(model_id)
+            with self._lock:
+                slot.core = core
+
+    def _slot(self, model_id: str) -> _Slot:
+        slot = self._slots.get(model_id)
+        if slot is None:
+            raise ModelNotFoundError(model_id, f"this Model holds {sorted(self._slots)}")
+        return slot
 
 
 class _Routing:
@@ -225,6 +270,14 @@ class _Routing:
     def set_default_model_id(self, model_id: str) -> None:
         self._models.set_default(model_id)
 
+    def is_model_loaded(self, model_id: str) -> bool:
+        """Whether `model_id` is one of these models and loaded (not `unload_model`-ed)."""
+        return (model_id, "loaded") in self._models.status()
+
+    def list_models_with_status(self) -> list[tuple[str, str]]:
+        """Each model's id and "loaded" or "unloaded" (`unload_model`)."""
+        return self._models.status()
+
     def engine_stats(self, model_id: str | None = None) -> EngineStats | None:
         """Sequences running and waiting, KV blocks in use, preemptions, the compiled step
         (None for an embedding model)."""
@@ -246,16 +299,27 @@ class Model(_Routing):
         model id); returns its id."""
         core = builder._start(alias)
         try:
-            self._models.add(core)
+            self._models.add(core, builder)
         except BaseException:
             core.engine.close()
             raise
         return core.model_id
 
     def remove_model(self, model_id: str) -> None:
-        """Stop a model's engine and free it; requests it is running fail with
+        """Stop a model's engine and forget it; requests it is running fail with
         `EngineClosedError`."""
-        self._models.remove(model_id).engine.close()
+        core = self._models.remove(model_id)
+        if core is not None:
+            core.engine.close()
+
+    def unload_model(self, model_id: str) -> None:
+        """Stop a model's engine and free its memory, keeping its id: calls to it fail until
+        `reload_model` loads it again from its builder."""
+        self._models.unload(model_id).engine.close()
+
+    def reload_model(self, model_id: str) -> None:
+        """Load an unloaded model again (as its builder did); a loaded one is left as is."""
+        self._models.reload(model_id)
 
     # ---- text
 
@@ -506,14 +570,22 @@ class AsyncModel(_Routing):
     async def add_model(self, builder: ModelBuilder, alias: str | None = None) -> str:
         core = await asyncio.to_thread(builder._start, alias)
         try:
-            self._models.add(core)
+            self._models.add(core, builder)
         except BaseException:
             await asyncio.to_thread(core.engine.close)
             raise
         return core.model_id
 
     async def remove_model(self, model_id: str) -> None:
-        await asyncio.to_thread(self._models.remove(model_id).engine.close)
+        core = self._models.remove(model_id)
+        if core is not None:
+            await asyncio.to_thread(core.engine.close)
+
+    async def unload_model(self, model_id: str) -> None:
+        await asyncio.to_thread(self._models.unload(model_id).engine.close)
+
+    async def reload_model(self, model_id: str) -> None:
+        await asyncio.to_thread(self._models.reload, model_id)
 
     # ---- text
 
