@@ -43,11 +43,14 @@ def available_cores() -> int:
     """torch's default (the physical cores), within the CPUs this process may run on
     (`taskset`, a container's cpuset) and its cgroup's CPU quota rounded up (`docker run
     --cpus`): torch ignores both."""
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if hasattr(os, "sched_getaffinity"):
+        allowed = len(os.sched_getaffinity(0))
+    else:
+        allowed = os.cpu_count() or 1
     quota = cgroup_cpu_quota()
     if quota is not None:
-        allowed = min(allowed or 1, math.ceil(quota))
-    return max(1, min(torch.get_num_threads(), allowed or 1))
+        allowed = min(allowed, math.ceil(quota))
+    return max(1, min(torch.get_num_threads(), allowed))
 
 
 class _Builder:

@@ -52,7 +52,7 @@ def _ancestry(base: Path, path: str) -> list[Path]:
     if not here.is_dir():
         return [base]
     folders = [here, *here.parents]
-    return folders[: folders.index(base) + 1] if base in folders else [here]
+    return folders[: folders.index(base) + 1]
 
 
 def _v2_quota(folder: Path) -> float | None:
