@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,21 +67,20 @@ def test_run_prints_only_the_deterministic_reply(
     assert ladle(*args).stdout == first.stdout
 
 
-def test_a_first_run_says_it_builds_the_kernels(
+def test_a_first_run_waits_for_no_compiler(
     smollm2_path: Path, expected: dict[str, str], tmp_path: Path
 ) -> None:
-    """With an empty kernel cache the load builds them (about half a minute) and says so."""
-    if shutil.which("g++") is None or os.environ.get("LADLE_NATIVE_KERNELS") == "0":
-        pytest.skip("no kernels to build here")
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    """`pip install` built the kernels into the package: a user with an empty cache (and no
+    compiler on PATH) loads them at once, builds nothing, and gets the same reply."""
+    if os.environ.get("LADLE_NATIVE_KERNELS") == "0":
+        pytest.skip("kernels turned off")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "PATH": str(tmp_path / "no-bin")}
     args = (str(smollm2_path), PROMPT, "--temperature", "0", "--max-tokens", "10")
     first = ladle(*args, "--system", "Be brief.", env=env)
     assert first.returncode == 0, first.stderr
-    assert "building native kernels" in first.stderr
+    assert "building" not in first.stderr and "disabled" not in first.stderr
     assert first.stdout == expected["chat"] + "\n"
-    assert list((tmp_path / "ladle" / "kernels").rglob("ladle_kernels.so"))
-    again = ladle(*args, "--system", "Be brief.", env=env)
-    assert "building native kernels" not in again.stderr  # built once, loaded since
+    assert not list((tmp_path / "ladle").rglob("*.so"))
 
 
 def test_raw_completes_without_template(smollm2_path: Path, expected: dict[str, str]) -> None:

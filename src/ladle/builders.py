@@ -21,6 +21,7 @@ from ladle.catalog import resolve
 from ladle.devices import cgroup_cpu_quota
 from ladle.embedding_core import EmbeddingCore
 from ladle.engine.embedding_loader import LoadedEmbedder, load_embedder
+from ladle.engine.kernels import native
 from ladle.engine.kv_cache import DEFAULT_KV_CACHE_DTYPE, parse_kv_cache_dtype
 from ladle.engine.loader import LoadedModel, load_model
 from ladle.engine.quant.isq import parse_isq_type
@@ -194,8 +195,11 @@ class _Builder:
         )
 
     def _load(self) -> LoadedModel:
-        # on the thread that will run the model: OpenMP's thread count is per calling thread
-        torch.set_num_threads(self.num_threads or available_cores())
+        # on the thread that will run the model: OpenMP's thread count is per calling thread,
+        # and so is the native kernels'
+        threads = self.num_threads or available_cores()
+        torch.set_num_threads(threads)
+        native.set_num_threads(threads)
         return load_model(
             self.path,
             dtype=self.dtype,

@@ -9,7 +9,9 @@
                         it to the process it spawns (never on the command line)
     LADLE_COMPILE       1 compiles text models' steps in the background, 0 never; unset
                         (auto): only models the native layer kernels cannot run
-    LADLE_NATIVE_KERNELS  0 turns off building and using the C++ kernels (default 1)
+    LADLE_NATIVE_KERNELS  0 turns off the C++ kernels (default 1)
+    LADLE_CPU_ISA       the kernels' instruction set: avx512_vnni, avx512, avx_vnni, avx2, neon
+                        or portable (default: the best this CPU runs)
 
 Each is read when asked for, not at import, so a test or a long-running service sees a change.
 The `HF_*` fallbacks are the hub's own variables, honoured so an existing setup just works.
@@ -66,9 +68,15 @@ def compile_models() -> bool | None:
 
 
 def native_kernels() -> bool:
-    """`LADLE_NATIVE_KERNELS`: build and use the C++ kernels (on unless 0/false/no/off)."""
+    """`LADLE_NATIVE_KERNELS`: use the C++ kernels (on unless 0/false/no/off)."""
     raw = os.environ.get("LADLE_NATIVE_KERNELS", "1")
     return raw.strip().lower() not in ("0", "false", "no", "off")
+
+
+def cpu_isa() -> str | None:
+    """`LADLE_CPU_ISA`, lower case, else None (the kernels pick the best the CPU runs)."""
+    raw = os.environ.get("LADLE_CPU_ISA", "").strip().lower()
+    return raw or None
 
 
 def _path(name: str) -> Path | None:

@@ -10,6 +10,7 @@
     ├── StructuredOutputError       a constrained reply was cut short (max_tokens) or does not parse
     ├── DownloadError               fetching a model failed (names the model and the source)
     ├── ServiceError                the local service cannot be reached, started or stopped
+    ├── UnsupportedIsaError         LADLE_CPU_ISA names a set this CPU cannot run
     └── EngineClosedError           the model was shut down while a request waited on it
 
 Input is checked where it enters (request models, builders, file readers) and raises one of
@@ -21,6 +22,10 @@ from __future__ import annotations
 
 class LadleError(Exception):
     """Base class of every error ladle raises on purpose."""
+
+
+class UnsupportedIsaError(LadleError):
+    """`LADLE_CPU_ISA` names an instruction set that is unknown or this CPU cannot execute."""
 
 
 class ModelLoadError(LadleError):

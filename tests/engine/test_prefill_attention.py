@@ -1,4 +1,6 @@
-"""`paged_prefill_attention` against a float64 reference, and row for row against decoding.
+"""Prefill attention (`native.paged_prefill_attention`) against a float64 reference.
+
+It is also checked row for row against decoding.
 
 The kernel sums in float32, in an order of its own, what the reference sums in float64:
 outputs are weighted means of unit-normal values, and the softmax weights of a few hundred
@@ -8,8 +10,8 @@ exactly, so the tolerance stays 1e-5.
 
 The point of the kernel is that a row's bits depend on nothing but the row: the same position
 computed in a whole prompt, a chunk of it, the tail after a cached prefix, a batch of several
-sequences, on one thread or two, and decoded alone by `paged_decode_attention` (or by
-`decode_attention`, the single-sequence cache's kernel) must give `torch.equal` outputs.
+sequences, on one thread or two, and decoded alone by `native.paged_decode_attention` (or by
+`native.decode_attention`, the single-sequence cache's kernel) must give `torch.equal` outputs.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ if not native.load():
         allow_module_level=True,
     )
 
-ops = torch.ops.ladle_kernels
 CACHED_DTYPES = [torch.float32, torch.float16]
 BLOCK_SIZE = 16
 
@@ -68,7 +69,7 @@ def prefill(
 ) -> torch.Tensor:
     width = max(len(t) for t in tables)
     padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-    return ops.paged_prefill_attention(
+    return native.paged_prefill_attention(
         q,
         pools.k,
         pools.v,
@@ -164,7 +165,7 @@ def test_a_row_gives_the_same_bits_in_any_prefill_and_decoded_alone(dtype: torch
     for p in (0, 1, 127, 128, 129, 200, 255, 256, 299):  # either side of span boundaries
         # decoding position p writes its own k, v again: the pools' values, so unchanged
         k, v = pools.k[:, slots[p]].float()[None], pools.v[:, slots[p]].float()[None]
-        decoded = ops.paged_decode_attention(
+        decoded = native.paged_decode_attention(
             q[p : p + 1],
             k,
             v,
@@ -177,7 +178,7 @@ def test_a_row_gives_the_same_bits_in_any_prefill_and_decoded_alone(dtype: torch
         )
         assert torch.equal(decoded.view(-1), whole[p]), p
         keys, values = pools.k[:, slots[: p + 1]], pools.v[:, slots[: p + 1]]
-        contiguous = ops.decode_attention(q[p], keys, values, 0.125)  # a `KVCache`'s kernel
+        contiguous = native.decode_attention(q[p], keys, values, 0.125)  # a `KVCache`'s kernel
         assert torch.equal(contiguous.view(-1), whole[p]), p
 
 
@@ -187,14 +188,13 @@ def test_prefill_attention_does_not_depend_on_the_thread_count(dtype: torch.dtyp
     pools = Pools(3, 64, dtype)
     tables = [pools.table(600), pools.table(130)]
     q = torch.randn(150, 9, 64)
-    threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
+        native.set_num_threads(1)
         serial = prefill(q, pools, tables, [600, 130], [120, 30])
-        torch.set_num_threads(2)
+        native.set_num_threads(2)
         parallel = prefill(q, pools, tables, [600, 130], [120, 30])
     finally:
-        torch.set_num_threads(threads)
+        native.set_num_threads(torch.get_num_threads())
     assert torch.equal(serial, parallel)
 
 
@@ -209,7 +209,7 @@ def _call(
     heads in 4 blocks of 4) but for one argument."""
     k_dtype, v_dtype = pools if isinstance(pools, tuple) else (pools, pools)
     pool_k, pool_v = torch.zeros(2, 16, 8, dtype=k_dtype), torch.zeros(2, 16, 8, dtype=v_dtype)
-    return ops.paged_prefill_attention(
+    return native.paged_prefill_attention(
         torch.randn(3, 2, 8) if q is None else q,
         pool_k,
         pool_v,
@@ -224,21 +224,21 @@ def _call(
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: _call(q=torch.randn(3, 2, 8).double()), "q must be float32, got Double"),
-        (lambda: _call(q=torch.randn(3, 16)), "q must have 3 dims"),
-        (lambda: _call(q=torch.randn(3, 3, 8)), "q's 3 heads are not a multiple of pool_k's 2"),
-        (lambda: _call(q=torch.randn(3, 2, 4)), "pool_k has head dim 8, q has 4"),
+        (lambda: _call(q=torch.randn(3, 2, 8).double()), "q must be float32 [N, H, D]"),
+        (lambda: _call(q=torch.randn(3, 16)), "q must be float32 [N, H, D]"),
+        (lambda: _call(q=torch.randn(3, 3, 8)), "q's 3 heads are not a multiple of the pools' 2"),
+        (lambda: _call(q=torch.randn(3, 2, 4)), "q has head dim 4, pool_k 8"),
         (lambda: _call(pools=torch.bfloat16), "pool_k must be float32 or float16"),
-        (lambda: _call(pools=(torch.float16, torch.float32)), "one dtype, got Half and Float"),
+        (lambda: _call(pools=(torch.float16, torch.float32)), "must have one dtype"),
         (lambda: _call(tables=torch.tensor([[2, 0]])), "block_tables must be int32"),
         (lambda: _call(tables=torch.tensor([[2, 9]], dtype=torch.int32)), "block_tables[0][1]"),
         (lambda: _call(lengths=torch.tensor([9])), "lengths[0] = 9 exceeds"),
-        (lambda: _call(lengths=torch.tensor([6, 6])), "lengths has 2 entries for 1"),
+        (lambda: _call(lengths=torch.tensor([6, 6])), "block_tables has 1 rows for 2 sequences"),
         (lambda: _call(query_lens=torch.tensor([3], dtype=torch.int32)), "query_lens must be"),
         (lambda: _call(query_lens=torch.tensor([7])), "query_lens[0] = 7 must be in 1 .."),
         (lambda: _call(query_lens=torch.tensor([2])), "query_lens sum to 2 rows, q has 3"),
     ],
 )
 def test_bad_inputs_raise_naming_the_argument(call: Callable[[], object], message: str) -> None:
-    with pytest.raises(RuntimeError, match=re.escape(message)):
+    with pytest.raises(ValueError, match=re.escape(message)):
         call()

@@ -21,6 +21,8 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from ladle.engine.kernels import native
+
 # What `kv_cache_dtype` settings may name; float16 by default.
 KV_CACHE_DTYPES = {
     "f16": torch.float16,
@@ -57,8 +59,8 @@ class Segment(NamedTuple):
 
 class KernelStep(NamedTuple):
     """A forward's whole cache as the native kernels address it: every layer's pools, each
-    sequence's blocks of them, and where the new keys and values go
-    (`ladle_kernels.decoder_layers` runs every layer of a Llama-family decoder over it)."""
+    sequence's blocks of them, and where the new keys and values go (`native.Decoder` runs
+    every layer of a Llama-family decoder over it)."""
 
     pools_k: list[torch.Tensor]  # per layer, [num_kv_heads, num_slots, head_dim]
     pools_v: list[torch.Tensor]
@@ -70,19 +72,38 @@ class KernelStep(NamedTuple):
     is_decode: bool  # every sequence has one new token (the decode kernel writes it itself)
 
 
-def paged_prefill(step: KernelStep, layer_idx: int, q: torch.Tensor, scale: float) -> torch.Tensor:
-    """A layer's rows `[T, H * D]` over the step's pools, once their keys and values are in
-    (`ladle_kernels.paged_prefill_attention`)."""
-    return torch.ops.ladle_kernels.paged_prefill_attention(
-        q,
-        step.pools_k[layer_idx],
-        step.pools_v[layer_idx],
-        step.block_tables,
-        step.lengths,
-        step.query_lens,
-        step.block_size,
-        scale,
+def paged_attend(
+    step: KernelStep,
+    layer_idx: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """A layer's rows `[T, H * D]` over the step's pools, after storing its keys and values."""
+    pool_k, pool_v = step.pools_k[layer_idx], step.pools_v[layer_idx]
+    if step.is_decode:  # the kernel writes k and v at each sequence's last position itself
+        out = native.paged_decode_attention(
+            q,
+            k,
+            v,
+            pool_k,
+            pool_v,
+            step.block_tables,
+            step.lengths,
+            step.block_size,
+            scale,
+            window,
+            softcap,
+        )
+        return out.view(q.shape[0], -1)
+    kv = native.paged_kv(
+        pool_k, pool_v, step.block_tables, step.lengths, step.query_lens, step.block_size
     )
+    native.store_kv(kv, k, v, step.slots)
+    return native.attention(q, kv, scale, False, window, softcap)
 
 
 class AttentionCache(Protocol):
@@ -91,13 +112,17 @@ class AttentionCache(Protocol):
         ...
 
     def attend(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        window: int | None,
+        softcap: float | None,
     ) -> torch.Tensor | None:
         """Store and attend through the cache's native kernels, `[T, H * D]`, or None when
-        it has none for these tensors.
-
-        Asked first for layers with neither a sliding window nor a soft-cap; on None,
-        attention falls back to `store` and its own math.
+        it has none for these tensors (attention then falls back to `store` and its own math).
         """
         ...
 
@@ -134,7 +159,7 @@ class KVCache:
         use_kernels: bool = False,
     ) -> None:
         self.num_layers = num_layers
-        self.use_kernels = use_kernels  # attend through `ladle_kernels` (`attend`)
+        self.use_kernels = use_kernels  # attend through the native kernels (`attend`)
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.v_head_dim = v_head_dim or head_dim
@@ -169,15 +194,23 @@ class KVCache:
         return [Segment(slice(0, num_tokens), keys, values, self.length)]
 
     def attend(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        window: int | None,
+        softcap: float | None,
     ) -> torch.Tensor | None:
         step = self.kernel_step(q.shape[0]) if q.dtype == torch.float32 else None
         if step is None:
             return None
-        ((_, keys, values, _),) = self.store(layer_idx, k, v)
-        if step.is_decode:
-            return torch.ops.ladle_kernels.decode_attention(q[0], keys, values, scale).view(1, -1)
-        return paged_prefill(step, layer_idx, q, scale)
+        self.store(layer_idx, k, v)
+        kv = native.paged_kv(
+            self.k[layer_idx], self.v[layer_idx], None, step.lengths, step.query_lens, self.capacity
+        )
+        return native.attention(q.contiguous(), kv, scale, step.is_decode, window, softcap)
 
     def kernel_step(self, num_tokens: int) -> KernelStep | None:
         if not self.use_kernels or self.dtype not in KERNEL_KV_DTYPES:

@@ -9,10 +9,10 @@ itself on a CPU; the block manager places blocks to keep runs whole.
 With native kernels on (`use_kernels`), attention skips both the gather and the per-sequence
 calls: each layer makes one call for the whole step, reading every sequence's keys through
 its block table. A step in which every sequence decodes one token writes the new keys and
-values in the same call (`paged_decode_attention`); any other step stores them first, then
-attends all rows at once (`paged_prefill_attention`), each row computing bit for bit what a
-decode of it alone computes. A Llama-family model whose layers all run on the kernels takes the
-step whole instead (`KVBatch.kernel_step`): its every layer, attention included, in one call.
+values in the same call (`native.paged_decode_attention`); any other step stores them first,
+then attends all rows at once, each row computing bit for bit what a decode of it alone
+computes. A model whose layers all run on the kernels takes the step whole instead
+(`KVBatch.kernel_step`): its every layer, attention included, in one call.
 
 The pools' dtype is the engine's `kv_cache_dtype`, float16 by default whatever the model
 computes in (`kv_cache.py`): new keys and values are rounded into it, and attention reads them
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ladle.engine.kv_cache import KernelStep, Segment, paged_prefill
+from ladle.engine.kv_cache import KernelStep, Segment, paged_attend
 
 
 class PagedKVCache:
@@ -40,7 +40,7 @@ class PagedKVCache:
         v_head_dim: int | None = None,
     ) -> None:
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
-        self.use_kernels = False  # attention through `ladle_kernels` (`KVBatch.attend`)
+        self.use_kernels = False  # attention through the native kernels (`KVBatch.attend`)
         slots, v_dim = num_blocks * block_size, v_head_dim or head_dim
         # torch.empty maps the pool lazily: memory is touched only as blocks are written.
         layers = range(num_layers)
@@ -110,26 +110,21 @@ class KVBatch:
         ]
 
     def attend(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        window: int | None,
+        softcap: float | None,
     ) -> torch.Tensor | None:
         step = self.kernel
         if step is None or q.dtype != torch.float32:
             return None
-        if step.is_decode:  # the kernel writes k and v itself
-            out = torch.ops.ladle_kernels.paged_decode_attention(
-                q,
-                k,
-                v,
-                step.pools_k[layer_idx],
-                step.pools_v[layer_idx],
-                step.block_tables,
-                step.lengths,
-                step.block_size,
-                scale,
-            )
-            return out.view(q.shape[0], -1)
-        self._write(layer_idx, k, v)
-        return paged_prefill(step, layer_idx, q, scale)
+        return paged_attend(
+            step, layer_idx, q.contiguous(), k.contiguous(), v.contiguous(), scale, window, softcap
+        )
 
     def _write(
         self, layer_idx: int, k: torch.Tensor, v: torch.Tensor

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import quantize
 
+from ladle.engine.kernels import native
 from ladle.engine.layers.linear import Linear
 from ladle.engine.loading.gguf import read_gguf
-from ladle.engine.quant.ggml import GGMLTensor
+from ladle.engine.quant.ggml import GGMLStack, GGMLTensor
 from ladle.errors import ModelLoadError
 
 T = GGMLQuantizationType
@@ -63,12 +64,40 @@ def test_int4_falls_back_to_dense_when_rows_are_not_in_sixteens() -> None:
 
 
 def test_other_ggml_types_are_dequantized_once() -> None:
-    values = np.random.default_rng(0).standard_normal((48, 64), dtype=np.float32)
-    w = GGMLTensor("w", T.Q5_0, quantize(values, T.Q5_0), (48, 64))
-    layer = Linear(64, 48)
+    """A Q5_0 weight whose rows do not fill the native kernel's blocks of 16 is decoded."""
+    values = np.random.default_rng(0).standard_normal((40, 64), dtype=np.float32)
+    w = GGMLTensor("w", T.Q5_0, quantize(values, T.Q5_0), (40, 64))
+    layer = Linear(64, 40)
     layer.load_weight(w, torch.bfloat16)
     assert layer.int4 is None and layer.weight.dtype == torch.bfloat16
     assert torch.equal(layer.weight, w.dequantize(torch.bfloat16))
+
+
+def test_mixed_types_fused_run_each_part_on_its_kernel() -> None:
+    """Q4_K_M's q and k in Q4_K beside v in Q6_K: one stacked call, each part in its blocks,
+    no dense copy; the output is the parts' dequantized products side by side."""
+    k = 256
+    q, key = random_q4(T.Q4_K, 32, k, seed=1), random_q4(T.Q4_K, 16, k, seed=2)
+    rng = np.random.default_rng(3)  # Q6_K: random bytes, its f16 d (at byte 208) modest
+    blocks = rng.integers(0, 256, (16, GGML_QUANT_SIZES[T.Q6_K][1]), dtype=np.uint8)
+    blocks[:, 208:210] = rng.uniform(1e-3, 2e-2, (16, 1)).astype(np.float16).view(np.uint8)
+    v = GGMLTensor("v", T.Q6_K, blocks, (16, k))
+    stack = GGMLStack("qkv", [q, key, v])
+    layer = Linear(k, 64, bias=True)
+    bias = torch.randn(64)
+    layer.load_weight(stack, torch.float32, bias)
+    assert layer.weight is None and "stacked" in repr(layer)
+    assert "int4" in repr(layer) and "int8" in repr(layer)
+    layer.use_kernels = True
+    kernel = layer.kernel_weight()
+    assert kernel is not None and len(kernel.data) == 3 and kernel.rows == 64
+    x = torch.randn(5, k)
+    ref = x @ stack.dequantize().T + bias
+    assert relative_error(layer(x), ref) < INT4_RTOL
+    # the stacked call is the parts' own calls side by side, bit for bit
+    each = [native.KernelWeight.of(d, sc) for d, sc in zip(kernel.data, kernel.scales, strict=True)]
+    parts = torch.cat([native.linear(x, w) for w in each], dim=-1) + bias
+    assert torch.equal(layer(x), parts)
 
 
 def test_dense_weight_with_bias_is_f_linear() -> None:

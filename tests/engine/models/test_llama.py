@@ -58,60 +58,44 @@ def test_llama_with_tied_embeddings_and_biases(reference, tmp_path: Path) -> Non
 
 
 @needs_kernels
-def test_native_layer_ops_equal_the_layers_own_path(
+def test_the_native_decoder_equals_the_layers_own_path(
     reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`decoder_layers` (every layer in one call), `attention_inputs` and `mlp_residual` (a
-    layer in three calls) run the kernels `forward`'s own path calls, in its order: logits are
-    equal, here with biases and dense float32 weights (the [w] form)."""
+    """The native decoder (every layer in one call) runs the kernels the layers' own path
+    calls, in its order: logits are equal, here with biases and dense float32 weights."""
     config = LlamaConfig(**TINY, attention_bias=True)
     hf = reference.build_hf_model(config, LlamaForCausalLM)
     model = reference.load_ladle(reference.save_hf_model(hf, tmp_path))
     model.use_native_kernels()
-    assert model.model.kernel_stack() is not None
+    assert model.runs_on_kernels()
     reference.assert_matches_transformers(hf, model, atol=1e-4)
     prompt, tokens = torch.arange(3, 40, 3), [5, 7, 11]
     stacked = reference.ladle_logits(model, prompt, tokens, torch.float32)
     with monkeypatch.context() as patch:
-        patch.setattr(model.model, "kernel_stack", lambda: None)  # the layers one by one
-        layer_ops = reference.ladle_logits(model, prompt, tokens, torch.float32)
-    for layer in model.model.layers:
-        layer.use_kernels = False  # the layer's Python path, over the same native row ops
-    assert model.model.kernel_stack() is None
-    unfused = reference.ladle_logits(model, prompt, tokens, torch.float32)
-    for a, b, c in zip(stacked, layer_ops, unfused, strict=True):
-        assert torch.equal(a, b) and torch.equal(b, c)
+        patch.setattr(model.model.stack, "decoder", lambda layers, eps: None)
+        layer_by_layer = reference.ladle_logits(model, prompt, tokens, torch.float32)
+    for a, b in zip(stacked, layer_by_layer, strict=True):
+        assert torch.equal(a, b)
 
 
 @needs_kernels
-def test_a_sliding_window_keeps_attention_per_layer(reference, tmp_path: Path) -> None:
-    """The attention kernels see every position, so a windowed model's layers stay apart."""
-    config = MistralConfig(**TINY, sliding_window=4)
-    model = reference.load_ladle(
-        reference.save_hf_model(reference.build_hf_model(config, MistralForCausalLM), tmp_path)
-    )
-    model.use_native_kernels()
-    assert model.runs_on_kernels() and model.model.kernel_stack() is None
-
-
-@needs_kernels
-def test_a_calibrating_layer_leaves_the_layer_ops_for_its_own_path(
+def test_a_calibrating_layer_leaves_the_native_decoder_for_its_own_path(
     reference, tmp_path: Path
 ) -> None:
-    """Calibration observes a Linear's inputs in its `forward`, which the layer ops skip: a
-    layer with a calibrating Linear runs its Python path until calibration ends."""
+    """Calibration observes a Linear's inputs in its `forward`, which the native decoder
+    skips: a model with a calibrating Linear runs layer by layer until calibration ends."""
     hf = reference.build_hf_model(LlamaConfig(**TINY), LlamaForCausalLM)
     model = reference.load_ladle(reference.save_hf_model(hf, tmp_path))
     model.use_native_kernels()
     layer = model.model.layers[1]
     stats = ActivationStats(TINY["intermediate_size"])
     layer.mlp.down_proj.calibration = stats
-    assert layer.kernel_weights() is None and not model.runs_on_kernels()
-    assert model.model.layers[0].kernel_weights() is not None
+    assert layer.kernel_layer() is None and not model.runs_on_kernels()
+    assert model.model.layers[0].kernel_layer() is not None
     reference.ladle_logits(model, torch.arange(10), [], torch.float32)
     assert stats.rows == 10
     layer.mlp.down_proj.calibration = None
-    assert layer.kernel_weights() is not None and model.runs_on_kernels()
+    assert layer.kernel_layer() is not None and model.runs_on_kernels()
 
 
 def test_llama3_rope_scaling_past_the_original_context(reference, tmp_path: Path) -> None:
@@ -247,8 +231,8 @@ def test_smollm2_int4_close_to_transformers(smollm2, layer_kernels: bool) -> Non
     """Q4_1 weights run through an int4 kernel. ladle's (int16 activations) moves logits
     by 0.07% relative (Frobenius) over the prompt, 0.23% at most at one position; torch's
     (bf16 activations, without native kernels) by 1.8% and 7.1%. Both keep the top token
-    everywhere. Bounds leave 2-3x headroom. `layer_kernels` runs every layer through the
-    native row and layer ops as served (`use_native_kernels`)."""
+    everywhere. Bounds leave 2-3x headroom. `layer_kernels` runs the whole decoder in the
+    native call as served (`use_native_kernels`)."""
     gguf, config, ids, expected = smollm2
     if layer_kernels and not native.load():
         pytest.skip("native kernels unavailable")
@@ -256,7 +240,7 @@ def test_smollm2_int4_close_to_transformers(smollm2, layer_kernels: bool) -> Non
     model.load_weights(gguf_weights(gguf, config), torch.float32)
     if layer_kernels:
         model.use_native_kernels()
-        assert all(layer.kernel_weights() is not None for layer in model.model.layers)
+        assert model.runs_on_kernels()
     int4 = model.model.layers[0].self_attn.qkv_proj.int4
     assert int4 is not None
     bounds = (0.002, 0.007) if isinstance(int4, NativeInt4Weight) else (0.05, 0.15)

@@ -1,4 +1,7 @@
-"""Q8_0 on ladle's int8 kernel: the file's own values, float32 activations (int16 inside)."""
+"""Q8_0 on ladle's int8 kernel: the file's own values, float32 activations (int16 inside).
+
+The other types the kernel takes (Q5_0, Q5_1, Q5_K, Q6_K) are tested in test_kquants.py.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from gguf import GGMLQuantizationType
 from ladle.engine.kernels import native
 from ladle.engine.layers.linear import Linear
 from ladle.engine.quant.ggml import GGMLTensor
-from ladle.engine.quant.int8 import NativeInt8Weight, can_pack_native8, pack_native8
+from ladle.engine.quant.int8 import NativeInt8Weight, can_pack_native8, pack_ggml8
 
 pytestmark = pytest.mark.skipif(
     not native.load(), reason="native kernels unavailable (no g++, a failed build, or disabled)"
@@ -33,14 +36,14 @@ def test_native_int8_is_the_q8_0_product(rows: int, m: int, k: int) -> None:
     (2e-5 is typical)."""
     w = random_q8_0(m, k, seed=m + k)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
-    out = pack_native8(w).matmul(x).double()
+    out = pack_ggml8(w).matmul(x).double()
     exact = x.double() @ w.dequantize().double().T
     assert (out - exact).abs().max() <= 1e-4 * exact.abs().max()
 
 
 def test_native_int8_rows_are_the_dequantized_table() -> None:
     w = random_q8_0(64, 96)
-    packed = pack_native8(w)
+    packed = pack_ggml8(w)
     ids = torch.tensor([[0, 17, 63], [5, 5, 32]])
     assert torch.equal(packed.rows(ids), w.dequantize()[ids])
 
@@ -54,18 +57,18 @@ def test_q8_0_linear_and_its_identity_readback_use_the_native_kernel() -> None:
     torch.testing.assert_close(layer.dequantized(), ref, rtol=1e-6, atol=1e-7)
 
 
-def test_only_q8_0_with_rows_in_sixteens_packs() -> None:
+def test_only_8_bit_groups_with_rows_in_sixteens_pack() -> None:
+    """Q8_0 (and Q5_0 / Q5_1 / Q5_K / Q6_K: test_kquants.py), not 4-, 2- or 3-bit types."""
     assert can_pack_native8(random_q8_0(32, 64))
     assert not can_pack_native8(random_q8_0(24, 64))
     q4 = GGMLTensor("w", GGMLQuantizationType.Q4_0, np.zeros((16, 36), np.uint8), (16, 64))
-    assert not can_pack_native8(q4)
+    q3 = GGMLTensor("w", GGMLQuantizationType.Q3_K, np.zeros((16, 110), np.uint8), (16, 256))
+    assert not can_pack_native8(q4) and not can_pack_native8(q3)
 
 
 def test_native_int8_rejects_a_wrong_layout() -> None:
-    packed = pack_native8(random_q8_0(16, 64))
-    with pytest.raises(RuntimeError, match="int8_linear: q holds 64 values per column, x has 32"):
+    packed = pack_ggml8(random_q8_0(16, 64))
+    with pytest.raises(ValueError, match="x has 32 features, the weight 64"):
         packed.matmul(torch.zeros(1, 32))
-    with pytest.raises(RuntimeError, match="int8_linear: q must be a contiguous"):
-        torch.ops.ladle_kernels.int8_linear(
-            torch.zeros(1, 64), packed.q.view(torch.uint8), packed.scales
-        )
+    with pytest.raises(ValueError, match=r"no packed form is torch\.uint8"):
+        native.KernelWeight.of(packed.q.view(torch.uint8), packed.scales)

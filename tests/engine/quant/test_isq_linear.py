@@ -19,14 +19,15 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 # (form the layer holds, tolerance vs the fp32 matmul of the dequantized weight): int4 rounds
 # activations and scales to bf16 (~3e-3); int8 re-rounds Q8_0 per row and quantizes
-# activations (~1.1e-2); 16-bit types cast activations (~3e-3)
+# activations (~1.1e-2); Q5_K and Q6_K on the native int8 kernel round their group scales to
+# fp16 once (measured 2.8e-4 and 7.9e-5); 16-bit types cast activations (~3e-3)
 CASES = {
     T.Q4_0: ("int4", 1e-2),
     T.Q4_1: ("int4", 1e-2),
     T.Q4_K: ("int4", 1e-2),
     T.Q8_0: ("int8", 2.5e-2),
-    T.Q5_K: ("dense", 1e-6),
-    T.Q6_K: ("dense", 1e-6),
+    T.Q5_K: ("int8", 2e-3),
+    T.Q6_K: ("int8", 2e-3),
     T.F16: ("dense", 1e-2),
     T.BF16: ("dense", 1e-2),
 }

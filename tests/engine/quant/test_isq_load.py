@@ -68,7 +68,7 @@ def logits(model: CausalLM) -> torch.Tensor:
 TOLERANCE = {"Q4_0": 0.3, "Q4_1": 0.3, "Q4K": 0.3, "Q5K": 0.1, "Q6K": 0.06,
              "Q8_0": 0.03, "HQQ4": 0.3, "HQQ8": 0.02, "F16": 0.01, "BF16": 0.02}  # fmt: skip
 KIND = {"Q4_0": "int4 group 32", "Q4_1": "int4 group 32", "Q4K": "int4 group 32",
-        "Q5K": "dense torch.float32", "Q6K": "dense torch.float32", "Q8_0": "int8",
+        "Q5K": "int8", "Q6K": "int8", "Q8_0": "int8",
         "HQQ4": "int4 group 64", "HQQ8": "dense torch.float32", "F16": "dense torch.float16",
         "BF16": "dense torch.bfloat16"}  # fmt: skip
 

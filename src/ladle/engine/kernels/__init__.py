@@ -1,2 +1,2 @@
-"""Native CPU kernels: C++ sources of the `ladle_kernels` torch operators, and `native`, which
-builds and loads them."""
+"""Native CPU kernels: C++ sources with a C ABI (`api.h`), built once per instruction set
+(`build.py`), chosen for this CPU (`isa.py`) and called on tensors (`native.py`)."""

@@ -1,24 +1,25 @@
 // The arithmetic of one query row's attention, shared by the decode and prefill kernels.
 //
-// A row at position p attends positions 0..p span by span (kSpan positions each, starting at
-// 0): each span leaves an unnormalised partial result with its max and sum, and the spans are
-// merged in order. Both kernels call these functions, compiled once (attention_rows.cpp), and
-// each row's operations do not depend on the other rows computed with it, so a row gives the
-// same bits whether it is decoded alone, is one of a prompt's rows, or ends a cached prefix.
+// A row at position p attends the positions of its window (all of 0..p, or the last `window`
+// of them) span by span (kSpan positions each, spans starting at multiples of kSpan): each
+// span leaves an unnormalised partial result with its max and sum, and the row's spans are
+// merged in order. Both kernels call these functions, and each row's operations do not depend
+// on the other rows computed with it, so a row gives the same bits whether it is decoded
+// alone, is one of a prompt's rows, or ends a cached prefix.
 
 #pragma once
 
-#include <c10/util/Half.h>
-
 #include <cstdint>
 #include <vector>
+
+#include "simd.h"
 
 namespace ladle_kernels {
 
 constexpr int64_t kSpan = 128;  // positions per span
 constexpr int64_t kLanes = 16;  // query vectors scored at once, one per float32 lane
 
-// Cached keys [KVH, slots, D] and values [KVH, slots, Dv] of type T (float or c10::Half).
+// Cached keys [KVH, slots, D] and values [KVH, slots, Dv] of type T (float or Half).
 // Position p of sequence b is in slot block_tables[b][p / block_size] * block_size +
 // p % block_size, or in slot p when block_tables is null (then block_size only says how many
 // positions run on in consecutive slots).
@@ -35,6 +36,17 @@ struct KVPools {
   int64_t slot(int64_t b, int64_t p) const {
     if (block_tables == nullptr) return p;
     return int64_t(block_tables[b * table_stride + p / block_size]) * block_size + p % block_size;
+  }
+};
+
+// What a layer's attention does besides softmax(q k * scale) v.
+struct ScoreRule {
+  int64_t window;  // > 0: a row at position p sees only positions p - window + 1 .. p
+  float softcap;  // > 0: scores become softcap * tanh(score / softcap) (Gemma 2)
+
+  // The first position a row at position p sees.
+  int64_t first_visible(int64_t p) const {
+    return window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
   }
 };
 
@@ -73,14 +85,16 @@ struct SpanScratch {
 };
 
 // Attends query vectors j < num_vectors (q_scaled [num_vectors, D] contiguous, already times
-// the softmax scale) of sequence b to kv head `kv_head`'s positions begin .. begin +
-// counts[j] - 1 (1 <= counts[j] <= kSpan), into out's vectors 0 .. num_vectors - 1.
+// the softmax scale) of sequence b to kv head `kv_head`'s positions begin + starts[j] ..
+// begin + counts[j] - 1 (0 <= starts[j], counts[j] <= kSpan; empty when starts[j] >=
+// counts[j]), into out's vectors 0 .. num_vectors - 1.
 template <class T>
 void attend_span(const KVPools<T>& pools, int64_t b, int64_t kv_head, int64_t begin,
-                 const int64_t* counts, int64_t num_vectors, const float* q_scaled,
-                 SpanScratch<T>& scratch, const Partial& out);
+                 const int32_t* starts, const int32_t* counts, int64_t num_vectors,
+                 const float* q_scaled, float softcap, SpanScratch<T>& scratch,
+                 const Partial& out);
 
-// out [Dv] = query vector j's attention: its partials over spans 0 .. num_spans - 1, merged.
-void merge_spans(const SpanPartials& parts, int64_t num_spans, int64_t j, float* out);
+// out [Dv] = query vector j's attention: its partials over spans first .. last - 1, merged.
+void merge_spans(const SpanPartials& parts, int64_t first, int64_t last, int64_t j, float* out);
 
 }  // namespace ladle_kernels

@@ -6,15 +6,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ladle.engine.kernels import native
+
 
 class SiluAndMul(nn.Module):
     """SwiGLU (Llama, Qwen, Phi-3): `silu(x[:, :n]) * x[:, n:]` for `x = [gate | up]`."""
 
-    use_kernels = False  # `ladle_kernels.silu_mul` for float32 rows
+    use_kernels = False  # the native kernel for float32 rows, eagerly
+    kind = "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_kernels and x.dtype == torch.float32:
-            return torch.ops.ladle_kernels.silu_mul(x)
+        if self.use_kernels and x.dtype == torch.float32 and not torch.compiler.is_compiling():
+            return native.gated_activation(x, self.kind)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
@@ -22,7 +25,12 @@ class SiluAndMul(nn.Module):
 class GeluAndMul(nn.Module):
     """GeGLU with tanh-approximated GELU (Gemma's `gelu_pytorch_tanh`)."""
 
+    use_kernels = False  # the native kernel for float32 rows, eagerly
+    kind = "gelu_tanh"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernels and x.dtype == torch.float32 and not torch.compiler.is_compiling():
+            return native.gated_activation(x, self.kind)
         gate, up = x.chunk(2, dim=-1)
         return F.gelu(gate, approximate="tanh") * up
 

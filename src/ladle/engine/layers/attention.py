@@ -6,8 +6,9 @@ within an optional sliding window. A batch of sequences of different lengths run
 call per sequence: on a CPU that beats padding them into one call (no wasted keys, no mask).
 Prefill runs through `scaled_dot_product_attention`; one decoded token runs through two
 batched matmuls (fewer calls than SDPA for a single query). A cache with native kernels runs
-attention itself when it can (`AttentionCache.attend`: float32 queries, no window, no soft-cap):
-the engine's paged batch does every sequence of a step in one call, each row computing what
+attention itself when it can (`AttentionCache.attend`: float32 queries, any window or
+soft-cap): the engine's paged batch does every sequence of a step in one call, each row
+computing what
 a decode of it alone computes, so a prompt's logits do not depend on its chunks or on the
 prefix cache. Logit soft-capping (Gemma 2) needs the scores themselves, so it takes an
 explicit path. A cache may store keys and values narrower than the queries (float16): they
@@ -90,10 +91,9 @@ def _attention(
     logit_softcap: float | None,
 ) -> torch.Tensor:
     cache = current_cache()
-    if sliding_window is None and logit_softcap is None:
-        out = cache.attend(layer_idx, q, k, v, scale)
-        if out is not None:
-            return out
+    out = cache.attend(layer_idx, q, k, v, scale, sliding_window, logit_softcap)
+    if out is not None:
+        return out
     segments = cache.store(layer_idx, k, v)
     args = (scale, sliding_window, logit_softcap)
     if len(segments) == 1:

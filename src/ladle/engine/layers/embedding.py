@@ -2,14 +2,15 @@
 
 The head reads its whole `[vocab, hidden]` table every decode step, which makes it the costliest
 matmul of a small model (SmolLM2: 49152x576, 10 ms of a 20 ms step in fp32). When the file
-stores it quantized (Q8_0, Q6_K: 8 bits or fewer per weight), it is kept in float16, which
-holds those values to 2^-12: measured 1.8 ms in fp16 against 3.5 ms in bf16 and 9.9 ms in
-fp32 on a 2-core AVX-512 CPU. Its input is normalized, so fp16's range is no concern. A tied
-embedding looks its rows up in the head's table, so the table sits in memory once.
+stores it quantized (8 bits or fewer per weight), it is kept in float16, which holds those
+values to 2^-12: measured 1.8 ms in fp16 against 3.5 ms in bf16 and 9.9 ms in fp32 on a
+2-core AVX-512 CPU. Its input is normalized, so fp16's range is no concern. A tied embedding
+looks its rows up in the head's table, so the table sits in memory once.
 
-A Q8_0 table with the native kernels is better still: the head keeps the file's bytes
-(`quant/int8.py`, 30 MB against 56 in fp16) and multiplies them in 0.5 ms rather than 1.5-2.3
-at one row, and a tied embedding decodes its rows from them.
+A Q8_0, Q5_0, Q5_1, Q5_K or Q6_K table with the native kernels is better still: the head keeps
+the file's integers in the int8 kernel's form (`quant/int8.py`; SmolLM2's Q8_0 table 30 MB
+against 56 in fp16, multiplied in 0.5 ms rather than 1.5-2.3 at one row; a Q6_K table in
+1.125 bytes a weight), and a tied embedding decodes its rows from them.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Embedding(nn.Module):
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.weight: torch.Tensor | None = None
-        self.table: NativeInt8Weight | None = None  # the tied head's Q8_0 bytes, when no weight
+        self.table: NativeInt8Weight | None = None  # the tied head's int8 form, when no weight
         self.dtype = torch.float32
 
     def check_shape(self, weight: torch.Tensor | GGMLTensor) -> None:
@@ -80,13 +81,13 @@ class LMHead(Linear):
         dtype: torch.dtype,
         bias: torch.Tensor | None = None,
     ) -> None:
-        if isinstance(weight, GGMLTensor) and weight.is_quantized and not _keeps_q8_0(weight):
+        if isinstance(weight, GGMLTensor) and weight.is_quantized and not _keeps_int8(weight):
             self.storage_dtype = HEAD_DTYPE
         super().load_weight(weight, dtype, bias)
 
 
-def _keeps_q8_0(weight: GGMLTensor) -> bool:
-    """Whether a Q8_0 table stays as it is, on the native kernel (built on first use)."""
+def _keeps_int8(weight: GGMLTensor) -> bool:
+    """Whether a table keeps its integers in the native int8 form (kernels built on first use)."""
     return can_pack_native8(weight) and native.load()
 
 
@@ -98,12 +99,13 @@ def tie_lm_head(
 ) -> None:
     """Load the embedding from `source` and give `lm_head` its table.
 
-    A 4-bit table is packed again for the int4 kernel, which beats reading dense rows; a Q8_0
-    one stays Q8_0 on the native kernel, and the embedding reads its rows from it (never
-    decoding the table: 56 MB of float16 on SmolLM2); any other table is stored once, in the
-    head's dtype, and the embedding looks rows up in it.
+    A 4-bit table is packed again for the int4 kernel, which beats reading dense rows; a
+    Q8_0 / Q5_0 / Q5_1 / Q5_K / Q6_K one keeps its integers on the native int8 kernel, and the
+    embedding reads its rows from them (never decoding the table: 56 MB of float16 on
+    SmolLM2); any other table is stored once, in the head's dtype, and the embedding looks
+    rows up in it.
     """
-    if isinstance(source, GGMLTensor) and _keeps_q8_0(source):
+    if isinstance(source, GGMLTensor) and _keeps_int8(source):
         embedding.check_shape(source)
         lm_head.load_weight(source, dtype)
         assert isinstance(lm_head.int8, NativeInt8Weight)

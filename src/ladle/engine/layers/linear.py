@@ -4,14 +4,19 @@ A `Linear` is built empty and filled by `load_weight`, which first quantizes the
 the layer has an ISQ spec (`quant/isq.py`); the weight's format picks the kernel, and the
 forward is one kernel call:
 - Q4_0 / Q4_1 / Q4_K (GGML, group 32) and HQQ4 (group 64): ladle's int4 kernel (int16
-  activations, VNNI) when the native kernels load, else torch's CPU int4 kernel; the weight
-  is never re-quantized (`quant/int4.py`).
-- Q8_0: ladle's int8 kernel on the file's values when the native kernels load, else torch's
-  `_weight_int8pack_mm` (`quant/int8.py`; per-row scales, so re-rounded).
+  activations, integer dot products) when the native kernels load, else torch's CPU int4
+  kernel; the weight is never re-quantized (`quant/int4.py`).
+- Q8_0, Q5_0, Q5_1, Q5_K, Q6_K: ladle's int8 kernel on the file's integers (groups of 32,
+  Q6_K's of 16; `quant/int8.py`) when the native kernels load and the rows come in sixteens.
+  Otherwise Q8_0 goes to torch's `_weight_int8pack_mm` (per-row scales, so re-rounded) and
+  the others are decoded as below.
 - F16 / BF16 GGML weights: kept in that dtype, the activations cast to it.
-- Q5_K, Q6_K, HQQ8, other GGML types and safetensors tensors: decoded once to the compute
+- HQQ8, other GGML types (Q2_K, Q3_K) and safetensors tensors: decoded once to the compute
   dtype (or the layer's `storage_dtype`). No torch CPU kernel takes 5- or 6-bit values or
   HQQ8's float zero points per group of 64; fp32 beats bf16 at one row.
+- A fused projection whose parts have different GGML types (`GGMLStack`: Q4_K_M's q and k
+  in Q4_K beside v in Q6_K): each part in its own form above, the native kernel running them
+  one after the other into their columns; decoded whole when the kernels are off.
 Measured (`benchmarks/bench_isq_kernels.py`, 2 shared AVX-512 cores, best of 30, µs for
 576x576 / 1536x576 / 576x1536, 1 row | 16 rows):
     fp32 F.linear          27 / 69 / 57     | 116 / 269 / 312
@@ -31,11 +36,13 @@ While `calibration` is set, every forward adds its inputs' squared values per in
 
 A compiled step (`step_compiler.py`) bakes in which kernel each layer calls, without guards
 on the layers: every change of a layer's weight or calibration bumps `weights_generation()`,
-and the compiled step (and a decoder layer's gathered `kernel_weights`) is retired when it
-moves. With `use_kernels` (set at load once the native kernels load), an fp16 weight meets
-fp32 activations in `half_linear`, which widens the weight in registers and rounds nothing to
-fp16. SmolLM2's head, against fp16
-`F.linear`: 1 row 1.5-2.3 ms vs 1.8-2.3; 16 rows 7.5 vs 24.8; 512 rows 240 vs 772.
+and the compiled step (and a decoder's gathered `kernel_weight`s) is retired when it moves.
+With `use_kernels` (set at load once the native kernels load), a dense weight (float32,
+float16 or bfloat16) meets float32 activations in the native dense kernel, which widens the
+weight in registers and rounds nothing; the per-layer path and the whole-decoder call
+(`native.Decoder`) then run the same kernel on every weight. SmolLM2's fp16 head, against
+fp16 `F.linear` (AVX-512): 1 row 1.5-2.3 ms vs 1.8-2.3; 16 rows 7.5 vs 24.8; 512 rows 240 vs
+772.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ from torch import nn
 
 from ladle.engine.kernels import native
 from ladle.engine.quant.calibration import ActivationStats
-from ladle.engine.quant.ggml import GGMLTensor
+from ladle.engine.quant.ggml import GGMLStack, GGMLTensor
 from ladle.engine.quant.hqq import HQQWeight
 from ladle.engine.quant.int4 import (
     Int4Weight,
@@ -61,13 +68,13 @@ from ladle.engine.quant.int8 import (
     Int8Weight,
     NativeInt8Weight,
     can_pack_native8,
+    pack_ggml8,
     pack_int8,
-    pack_native8,
 )
 from ladle.engine.quant.isq import LayerIsq
 from ladle.errors import ModelLoadError
 
-LinearWeight = torch.Tensor | GGMLTensor | HQQWeight
+LinearWeight = torch.Tensor | GGMLTensor | GGMLStack | HQQWeight
 _generation = 0
 
 
@@ -81,6 +88,7 @@ def _bump_generation() -> None:
     _generation += 1
 
 
+_NATIVE_DENSE = (torch.float32, torch.float16, torch.bfloat16)
 _KEPT_DTYPES = {
     GGMLQuantizationType.F16: torch.float16,
     GGMLQuantizationType.BF16: torch.bfloat16,
@@ -109,6 +117,11 @@ class Linear(nn.Module):
         self._calibration: ActivationStats | None = None
         self.use_kernels = False
         self.isq: LayerIsq | None = None  # set before loading: quantize the weight as it comes
+        self._dense_kernel: native.KernelWeight | None = None  # self.weight's, made on first use
+        # a GGMLStack's parts, each in its own form (not submodules: ISQ and calibration see
+        # this layer as one), and their native weight, stacked on first use
+        self._parts: tuple[Linear, ...] = ()
+        self._stacked: native.KernelWeight | None = None
 
     def load_weight(
         self,
@@ -127,8 +140,11 @@ class Linear(nn.Module):
         if self.isq is not None:
             weight = self.isq.quantize(weight, getattr(weight, "name", "weight"))
         _bump_generation()
-        self.weight, self.int4, self.int8 = None, None, None
-        if isinstance(weight, GGMLTensor) and can_pack_int4(weight):
+        self.weight, self.int4, self.int8, self._dense_kernel = None, None, None, None
+        self._parts, self._stacked = (), None
+        if isinstance(weight, GGMLStack):
+            self._load_stack(weight, dtype)
+        elif isinstance(weight, GGMLTensor) and can_pack_int4(weight):
             self.int4 = pack_int4(weight)
         elif isinstance(weight, HQQWeight) and weight.bits == 4 and self._fits_int4():
             scale_k = weight.scale
@@ -137,7 +153,7 @@ class Linear(nn.Module):
         elif self._dense_only():
             self._load_dense(weight, dtype)
         elif isinstance(weight, GGMLTensor) and can_pack_native8(weight) and native.load():
-            self.int8 = pack_native8(weight)
+            self.int8 = pack_ggml8(weight)
         elif isinstance(weight, GGMLTensor) and weight.ggml_type == GGMLQuantizationType.Q8_0:
             self.int8 = pack_int8(weight.dequantize())
         elif isinstance(weight, GGMLTensor) and weight.ggml_type in _KEPT_DTYPES:
@@ -164,6 +180,17 @@ class Linear(nn.Module):
         """A layer given a storage dtype (the output head) keeps that precision."""
         return self.storage_dtype is not None
 
+    def _load_stack(self, stack: GGMLStack, dtype: torch.dtype) -> None:
+        """Each part in its own native form, or the whole decoded when the kernels are off."""
+        if self._dense_only() or not native.load():
+            return self._load_dense(stack, dtype)
+        parts = []
+        for part in stack.parts:
+            linear = Linear(self.in_features, part.shape[0])
+            linear.load_weight(part, dtype)
+            parts.append(linear)
+        self._parts = tuple(parts)
+
     def _load_dense(self, weight: LinearWeight, dtype: torch.dtype) -> None:
         target = self.storage_dtype or dtype
         dense = weight if isinstance(weight, torch.Tensor) else weight.dequantize(target)
@@ -172,43 +199,71 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._calibration is not None:
             self._calibration.observe(x)
-        if self.int4 is not None:
+        if self._parts:
+            stacked = self._stacked_kernel() if x.dtype == torch.float32 else None
+            if stacked is not None:
+                y = native.linear(x, stacked)
+            else:
+                y = torch.cat([part(x) for part in self._parts], dim=-1)
+        elif self.int4 is not None:
             y = self.int4.matmul(x)
         elif self.int8 is not None:
             y = self.int8.matmul(x)
         else:
             w = self.weight
             assert w is not None, "Linear used before load_weight"
-            if w.dtype == x.dtype:
+            kernel = self._dense() if x.dtype == torch.float32 else None
+            if kernel is not None:
+                y = native.linear(x, kernel)
+            elif w.dtype == x.dtype:
                 return F.linear(x, w, self.bias)
-            if self.use_kernels and w.dtype == torch.float16 and x.dtype == torch.float32:
-                rows = x.reshape(-1, x.shape[-1]).contiguous()  # an encoder's [B, T, K] too
-                y = torch.ops.ladle_kernels.half_linear(rows, w).view(*x.shape[:-1], -1)
             else:
                 y = F.linear(x.to(w.dtype), w).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
-    def kernel_weights(self) -> list[torch.Tensor] | None:
-        """The weight as the native fused layer ops take it (`kernels/decoder_layer.cpp`):
-        [q, scales] for a native int4 or int8 form, [w] for float16 or float32; None for what
-        they cannot run (torch's int4 and int8 forms, bfloat16) or while calibrating (the
-        activations must pass through `forward` to be observed)."""
+    def _dense(self) -> native.KernelWeight | None:
+        """The dense weight for the native kernel, when the kernels are on and take its dtype."""
+        w = self.weight
+        if not self.use_kernels or w is None or w.dtype not in _NATIVE_DENSE:
+            return None
+        if self._dense_kernel is None or self._dense_kernel.data[0] is not w:
+            self._dense_kernel = native.KernelWeight.of(w)
+        return self._dense_kernel
+
+    def kernel_weight(self) -> native.KernelWeight | None:
+        """The weight as the native whole-decoder call takes it (`native.Decoder`); None for
+        what the kernels cannot run (torch's int4 and int8 forms, kernels off) or while
+        calibrating (the activations must pass through `forward` to be observed)."""
         if self._calibration is not None:
             return None
+        if self._parts:
+            return self._stacked_kernel()
         if isinstance(self.int4, NativeInt4Weight):
-            return [self.int4.q, self.int4.scales]
+            return self.int4.kernel
         if isinstance(self.int8, NativeInt8Weight):
-            return [self.int8.q, self.int8.scales]
-        w = self.weight
-        if self.int4 is None and self.int8 is None and w is not None:
-            return [w] if w.dtype in (torch.float16, torch.float32) else None
+            return self.int8.kernel
+        if self.int4 is None and self.int8 is None:
+            return self._dense()
         return None
+
+    def _stacked_kernel(self) -> native.KernelWeight | None:
+        """The parts' native forms one after the other, None when one has none."""
+        if self._stacked is None:
+            for part in self._parts:
+                part.use_kernels = self.use_kernels  # a dense part's kernel needs the flag
+            weights = [part.kernel_weight() for part in self._parts]
+            found = [w for w in weights if w is not None]
+            if len(found) < len(weights):
+                return None
+            self._stacked = native.KernelWeight.stacked(found)
+        return self._stacked
 
     def take_weights(self, other: Linear) -> None:
         """Adopt `other`'s weight in whatever form it holds (a re-quantized copy of this one)."""
         _bump_generation()
         self.weight, self.int4, self.int8 = other.weight, other.int4, other.int8
-        self.bias, self.isq = other.bias, other.isq
+        self.bias, self.isq, self._dense_kernel = other.bias, other.isq, None
+        self._parts, self._stacked = other._parts, None
 
     @torch.no_grad()
     def dequantized(self) -> torch.Tensor:
@@ -220,6 +275,8 @@ class Linear(nn.Module):
         """
         if self.weight is not None:
             return self.weight.detach().float()
+        if self._parts:
+            return torch.cat([part.dequantized() for part in self._parts], dim=0)
         packed = self.int4 if self.int4 is not None else self.int8
         assert packed is not None, "Linear used before load_weight"
         rows = []
@@ -230,7 +287,9 @@ class Linear(nn.Module):
         return torch.cat(rows, dim=0).T.contiguous()
 
     def extra_repr(self) -> str:
-        if self.int4 is not None:
+        if self._parts:
+            kind = "stacked [" + "; ".join(p.extra_repr() for p in self._parts) + "]"
+        elif self.int4 is not None:
             kind = f"int4 group {self.int4.group_size}"
         elif self.int8 is not None:
             kind = "int8"

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ladle.engine.kernels import native
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dimension, normalized in float32.
@@ -22,7 +24,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.unit_offset = unit_offset
         self.weight: torch.Tensor | None = None
-        self.use_kernels = False  # `ladle_kernels.rms_norm` for float32 rows
+        self.use_kernels = False  # the native kernel for float32 rows, eagerly
 
     def load_weight(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
         if tuple(weight.shape) != (self.dim,):
@@ -32,8 +34,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(w.contiguous(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_kernels and x.dtype == torch.float32:  # the weight is float32 too
-            return torch.ops.ladle_kernels.rms_norm(x, self.weight, self.eps)
+        if self.use_kernels and x.dtype == torch.float32 and not torch.compiler.is_compiling():
+            assert self.weight is not None, "RMSNorm used before load_weight"
+            return native.rms_norm(x, self.weight.float(), self.eps)  # float32 already: no copy
         if x.dtype == torch.float32 or self.unit_offset:
             y = F.rms_norm(x.float(), (self.dim,), self.weight, self.eps)
             return y.to(x.dtype)

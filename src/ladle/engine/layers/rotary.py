@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ladle.engine.kernels import native
+
 _INITIAL_POSITIONS = 4096
 
 
@@ -186,8 +188,8 @@ def apply_rotary(
     the same products and sums, bit for bit, in four kernel calls instead of seven (the
     decode step is bound by the number of calls), or in one with `use_kernel` (float32 only).
     """
-    if use_kernel and x.dtype == torch.float32:
-        return torch.ops.ladle_kernels.rotary(x, cos, sin)
+    if use_kernel and x.dtype == torch.float32 and not torch.compiler.is_compiling():
+        return native.rotary(x, cos, sin)
     dim = cos.shape[-1]
     if dim == x.shape[-1]:
         return x * cos + x.roll(dim // 2, -1) * sin

@@ -22,7 +22,7 @@ from ladle.engine.layers.embedding import tie_lm_head
 from ladle.engine.layers.linear import Linear
 from ladle.engine.loading.config import ModelConfig
 from ladle.engine.paged_cache import PagedKVCache
-from ladle.engine.quant.ggml import GGMLTensor
+from ladle.engine.quant.ggml import GGMLStack, GGMLTensor
 from ladle.errors import ModelLoadError
 
 Weight = torch.Tensor | GGMLTensor
@@ -158,15 +158,13 @@ class CausalLM(CheckpointModule):
         return logits
 
     def runs_on_kernels(self) -> bool:
-        """Whether every decoder layer runs through the native layer ops (Llama-family
-        layers whose weights all have a native form: `LlamaDecoderLayer.kernel_weights`)."""
-        layers = getattr(self.model, "layers", None)
+        """Whether the decoder runs in one native call a step (`models/kernel_stack.py`:
+        every layer's weights, norms and attention have a native form)."""
+        stack = getattr(self.model, "stack", None)
         return (
             self.use_kernels
-            and bool(layers)
-            and all(
-                getattr(layer, "kernel_weights", lambda: None)() is not None for layer in layers
-            )
+            and stack is not None
+            and stack.decoder(self.model.layers, self.model.eps) is not None
         )
 
     def logits(
@@ -218,8 +216,9 @@ def _params(module: nn.Module | None) -> tuple[str, ...]:
     return ("weight", "bias") if getattr(module, "has_bias", False) else ("weight",)
 
 
-def _fuse(parts: dict[int, Weight], name: str, dtype: torch.dtype) -> Weight:
-    """Stack parts along rows: as raw GGML blocks when they share a type, else dense."""
+def _fuse(parts: dict[int, Weight], name: str, dtype: torch.dtype) -> Weight | GGMLStack:
+    """Stack parts along rows: as raw GGML blocks when they share a type, each in its own
+    blocks when they do not (`GGMLStack`), else dense."""
     ordered = [parts[i] for i in sorted(parts)]
     if len(ordered) == 1:
         return ordered[0]
@@ -227,5 +226,6 @@ def _fuse(parts: dict[int, Weight], name: str, dtype: torch.dtype) -> Weight:
         ggml = [p for p in ordered if isinstance(p, GGMLTensor)]
         if len({p.ggml_type for p in ggml}) == 1:
             return GGMLTensor.concat_rows(ggml, name)
+        return GGMLStack(name, ggml)
     dense = [p.dequantize(dtype) if isinstance(p, GGMLTensor) else p.to(dtype) for p in ordered]
     return torch.cat(dense, dim=0)

@@ -15,13 +15,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ladle.engine.kernels import native
 from ladle.engine.layers.attention import Attention
 from ladle.engine.layers.embedding import Embedding, LMHead
 from ladle.engine.layers.norm import RMSNorm
 from ladle.engine.layers.rotary import RotaryEmbedding
 from ladle.engine.loading.config import ModelConfig
 from ladle.engine.models.base import CausalLM, Rope
-from ladle.engine.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+from ladle.engine.models.kernel_stack import KernelStack
+from ladle.engine.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, kernel_layer
 
 _LOCAL_ROPE_BASE = 10_000.0  # transformers' Gemma 3 default when a config omits it
 
@@ -68,6 +70,9 @@ class GemmaDecoderLayer(nn.Module):
         if variant.sandwich_norms:
             self.pre_feedforward_layernorm = RMSNorm(size, eps, unit_offset=True)
             self.post_feedforward_layernorm = RMSNorm(size, eps, unit_offset=True)
+        self.use_kernels = False  # may run in the native decoder (`kernel_stack.py`)
+        # Gemma 3's sliding layers rotate with their own tables (`GemmaModel.rope`)
+        self.local_rope = variant.local_rope and self.self_attn.attn.sliding_window is not None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         attn = self.self_attn(self.input_layernorm(x), cos, sin)
@@ -76,6 +81,16 @@ class GemmaDecoderLayer(nn.Module):
             return x + self.mlp(self.post_attention_layernorm(x))
         x = x + self.post_attention_layernorm(attn)
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+    def kernel_layer(self) -> native.LayerWeights | None:
+        """This layer for the native decoder (`KernelLayer`)."""
+        return kernel_layer(
+            self,
+            self.post_attention_layernorm,
+            self.pre_feedforward_layernorm,
+            self.post_feedforward_layernorm,
+            self.local_rope,
+        )
 
 
 class GemmaModel(nn.Module):
@@ -102,6 +117,14 @@ class GemmaModel(nn.Module):
                 config.head_dim, base, None, config.partial_rotary_factor
             )
         self.is_sliding = [t == "sliding_attention" for t in config.layer_types]
+        self.eps = config.rms_norm_eps
+        assert config.num_key_value_heads is not None
+        self.stack = KernelStack(
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
 
     def rope(self, positions: torch.Tensor, seq_len: int) -> Rope:
         """Global cos and sin, then the sliding layers' own (the same when they share)."""
@@ -116,6 +139,9 @@ class GemmaModel(nn.Module):
         x = self.embed_tokens(input_ids)
         # The scale is rounded to the compute dtype first, as transformers does (55.5 in bf16).
         x = x * torch.tensor(self.normalizer, dtype=x.dtype)
+        out = self.stack.run(self.layers, self.eps, x, rope)
+        if out is not None:
+            return out
         global_rope, local_rope = rope[:2], rope[2:]
         for layer, is_sliding in zip(self.layers, self.is_sliding, strict=True):
             x = layer(x, *(local_rope if is_sliding else global_rope))

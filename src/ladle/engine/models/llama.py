@@ -6,21 +6,21 @@ a bias, whether q/k are normalized per head, and how their checkpoints pack the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ladle.engine.kv_cache import KernelStep
-from ladle.engine.layers.activation import SiluAndMul, gated_activation
-from ladle.engine.layers.attention import Attention, current_cache
+from ladle.engine.kernels import native
+from ladle.engine.layers.activation import gated_activation
+from ladle.engine.layers.attention import Attention
 from ladle.engine.layers.embedding import Embedding, LMHead
-from ladle.engine.layers.linear import Linear, weights_generation
+from ladle.engine.layers.linear import Linear
 from ladle.engine.layers.norm import RMSNorm
 from ladle.engine.layers.rotary import RotaryEmbedding, apply_rotary
 from ladle.engine.loading.config import ModelConfig
 from ladle.engine.models.base import CausalLM, Rope
+from ladle.engine.models.kernel_stack import KernelStack, norm_weight
 
 
 class LlamaAttention(nn.Module):
@@ -47,7 +47,7 @@ class LlamaAttention(nn.Module):
             self.head_dim**-0.5,
             sliding_window=config.sliding_window if is_sliding else None,
         )
-        self.use_kernels = False  # the rotation through `ladle_kernels.rotary`
+        self.use_kernels = False  # the rotation through the native kernel
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]
@@ -87,96 +87,75 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(config, layer_idx, biases, qk_norm)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
-        self.use_kernels = False  # the layer in two native calls around attention
-        self._kernel_weights: tuple[int, _KernelWeights | None] | None = None
+        self.use_kernels = False  # may run in the native decoder (`kernel_stack.py`)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        if self.use_kernels and x.dtype == torch.float32 and not torch.compiler.is_compiling():
-            weights = self.kernel_weights()
-            if weights is not None:
-                return self._forward_kernels(x, cos, sin, weights)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def _forward_kernels(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: _KernelWeights
-    ) -> torch.Tensor:
-        """`forward` through `kernels/decoder_layer.cpp`: the same kernels, the same bits,
-        about fifteen fewer Python calls (on a small model's decode step they cost more than
-        the arithmetic). Compiled graphs trace `forward`'s own path instead."""
-        attn = self.self_attn
-        ops = torch.ops.ladle_kernels
-        eps = self.input_layernorm.eps
-        q, k, v = ops.attention_inputs(
-            x, w.input_norm, eps, w.qkv, w.qkv_bias, cos, sin, attn.num_heads, attn.num_kv_heads
-        )
-        out = attn.attn(q, k, v)
-        eps = self.post_attention_layernorm.eps
-        return ops.mlp_residual(x, out, w.o, w.o_bias, w.post_norm, eps, w.gate_up, w.down)
-
-    def kernel_weights(self) -> _KernelWeights | None:
-        """The layer's weights for the native path, None when some layer cannot take it;
-        gathered again whenever a `Linear` changes (re-quantized, calibrating)."""
-        generation = weights_generation()
-        if self._kernel_weights is None or self._kernel_weights[0] != generation:
-            self._kernel_weights = (generation, _KernelWeights.of(self))
-        return self._kernel_weights[1]
+    def kernel_layer(self) -> native.LayerWeights | None:
+        """This layer for the native decoder (`KernelLayer`)."""
+        return kernel_layer(self, self.post_attention_layernorm, None, None)
 
 
-@dataclass(frozen=True, slots=True)
-class _KernelWeights:
-    """A decoder layer's tensors as `ladle_kernels.attention_inputs` and `mlp_residual`
-    take them (see `Linear.kernel_weights`)."""
-
-    input_norm: torch.Tensor
-    qkv: list[torch.Tensor]
-    qkv_bias: torch.Tensor | None
-    o: list[torch.Tensor]
-    o_bias: torch.Tensor | None
-    post_norm: torch.Tensor
-    gate_up: list[torch.Tensor]
-    down: list[torch.Tensor]
-
-    def entries(self) -> list[torch.Tensor | None]:
-        """The layer's twelve entries of `ladle_kernels.decoder_layers`' weights (its order:
-        `kernels/decoder_layer.cpp`), a [w] form's second tensor None."""
-
-        def pair(w: list[torch.Tensor]) -> list[torch.Tensor | None]:
-            return [w[0], w[1] if len(w) == 2 else None]
-
-        return [
-            self.input_norm,
-            *pair(self.qkv),
-            self.qkv_bias,
-            *pair(self.o),
-            self.o_bias,
-            self.post_norm,
-            *pair(self.gate_up),
-            *pair(self.down),
-        ]
-
-    @staticmethod
-    def of(layer: LlamaDecoderLayer) -> _KernelWeights | None:
-        attn, mlp = layer.self_attn, layer.mlp
-        plain = attn.q_norm is None and isinstance(mlp.act_fn, SiluAndMul)
-        norm, post_norm = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-        if not plain or norm is None or post_norm is None:
-            return None
-        if norm.dtype != torch.float32 or post_norm.dtype != torch.float32:
-            return None
-        qkv, o = attn.qkv_proj.kernel_weights(), attn.o_proj.kernel_weights()
-        gate_up, down = mlp.gate_up_proj.kernel_weights(), mlp.down_proj.kernel_weights()
-        if qkv is None or o is None or gate_up is None or down is None:
-            return None
-        return _KernelWeights(
-            norm, qkv, attn.qkv_proj.bias, o, attn.o_proj.bias, post_norm, gate_up, down
-        )
+def kernel_layer(
+    layer: nn.Module,
+    post_attention_norm: RMSNorm,
+    pre_feedforward_norm: RMSNorm | None,
+    post_feedforward_norm: RMSNorm | None,
+    local_rope: bool = False,
+) -> native.LayerWeights | None:
+    """A Llama-family layer (`self_attn`, `mlp`, `input_layernorm`) for the native decoder, or
+    None when a weight has no native form or a norm or bias is not float32."""
+    attn: LlamaAttention = layer.self_attn
+    mlp: LlamaMLP = layer.mlp
+    linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    weights = [linear.kernel_weight() for linear in linears]
+    norms = [
+        layer.input_layernorm,
+        post_attention_norm,
+        pre_feedforward_norm,
+        post_feedforward_norm,
+        attn.q_norm,
+        attn.k_norm,
+    ]
+    norm_weights = [norm_weight(n) for n in norms]
+    biases = [attn.qkv_proj.bias, attn.o_proj.bias]
+    if any(w is None for w in weights) or any(
+        n is not None and w is None for n, w in zip(norms, norm_weights, strict=True)
+    ):
+        return None
+    if any(b is not None and b.dtype != torch.float32 for b in biases):
+        return None
+    qkv, o, gate_up, down = weights
+    assert qkv is not None and o is not None and gate_up is not None and down is not None
+    input_norm, post_norm, pre_ff, post_ff, q_norm, k_norm = norm_weights
+    assert input_norm is not None and post_norm is not None
+    return native.LayerWeights(
+        input_norm,
+        qkv,
+        biases[0],
+        q_norm,
+        k_norm,
+        o,
+        biases[1],
+        post_norm,
+        pre_ff,
+        post_ff,
+        gate_up,
+        down,
+        attn.attn.scale,
+        attn.attn.logit_softcap,
+        attn.attn.sliding_window,
+        local_rope,
+        mlp.act_fn.kind,
+    )
 
 
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, biases: tuple[bool, bool], qk_norm: bool) -> None:
         super().__init__()
-        assert config.head_dim is not None
+        assert config.head_dim is not None and config.num_key_value_heads is not None
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, biases, qk_norm) for i in range(config.num_hidden_layers)
@@ -189,7 +168,13 @@ class LlamaModel(nn.Module):
             config.partial_rotary_factor,
             config.max_position_embeddings,
         )
-        self._kernel_stack: tuple[int, _KernelStack | None] | None = None
+        self.eps = config.rms_norm_eps
+        self.stack = KernelStack(
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
 
     def rope(self, positions: torch.Tensor, seq_len: int) -> Rope:
         return self.rotary_emb(positions, seq_len, self.embed_tokens.dtype)
@@ -197,82 +182,13 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, rope: Rope) -> torch.Tensor:
         # [T, hidden_size], before the final norm
         x = self.embed_tokens(input_ids)
+        out = self.stack.run(self.layers, self.eps, x, rope)
+        if out is not None:
+            return out
         cos, sin = rope
-        if x.dtype == torch.float32 and not torch.compiler.is_compiling():
-            stack = self.kernel_stack()
-            step = current_cache().kernel_step(x.shape[0]) if stack is not None else None
-            if stack is not None and step is not None:
-                return stack.run(x, cos, sin, step)
         for layer in self.layers:
             x = layer(x, cos, sin)
         return x
-
-    def kernel_stack(self) -> _KernelStack | None:
-        """Every layer's weights for `ladle_kernels.decoder_layers`, None unless every layer
-        runs on the layer ops (`LlamaDecoderLayer.kernel_weights`) with attention the kernels
-        can do alone (no sliding window); gathered again whenever a `Linear` changes."""
-        if not all(layer.use_kernels for layer in self.layers):
-            return None
-        generation = weights_generation()
-        if self._kernel_stack is None or self._kernel_stack[0] != generation:
-            self._kernel_stack = (generation, _KernelStack.of(self.layers))
-        return self._kernel_stack[1]
-
-
-@dataclass(frozen=True, slots=True)
-class _KernelStack:
-    """A decoder's layers as `ladle_kernels.decoder_layers` takes them: one call for every
-    layer, attention included, over a cache the kernels address (`KernelStep`). The layers
-    call the kernels that `LlamaDecoderLayer._forward_kernels` and the paged attention kernels
-    call, in the same order, so the logits are those of the per-layer path to the bit; on
-    SmolLM2 it takes a decode step from 7.7 to 5.3 ms (two cores), all of it Python saved."""
-
-    weights: list[torch.Tensor | None]
-    eps: float
-    num_heads: int
-    num_kv_heads: int
-    scale: float
-
-    @staticmethod
-    def of(layers: nn.ModuleList) -> _KernelStack | None:
-        weights: list[torch.Tensor | None] = []
-        first: LlamaDecoderLayer = layers[0]
-        attn = first.self_attn
-        eps = first.input_layernorm.eps
-        for layer in layers:
-            layer_weights = layer.kernel_weights()
-            norms = (layer.input_layernorm.eps, layer.post_attention_layernorm.eps)
-            if (
-                layer_weights is None
-                or layer.self_attn.attn.sliding_window is not None
-                or layer.self_attn.attn.scale != attn.attn.scale
-                or norms != (eps, eps)
-            ):
-                return None
-            weights.extend(layer_weights.entries())
-        return _KernelStack(weights, eps, attn.num_heads, attn.num_kv_heads, attn.attn.scale)
-
-    def run(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: KernelStep
-    ) -> torch.Tensor:
-        return torch.ops.ladle_kernels.decoder_layers(
-            x,
-            cos,
-            sin,
-            self.weights,
-            self.eps,
-            self.num_heads,
-            self.num_kv_heads,
-            self.scale,
-            step.pools_k,
-            step.pools_v,
-            step.block_tables,
-            step.lengths,
-            step.query_lens,
-            step.slots,
-            step.block_size,
-            step.is_decode,
-        )
 
 
 class LlamaForCausalLM(CausalLM):

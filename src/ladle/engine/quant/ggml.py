@@ -1,8 +1,9 @@
 """GGML-typed tensors as they sit in a GGUF file, kept as raw blocks until a layer decides.
 
 A `GGMLTensor` is a weight whose rows are still GGML blocks. Linear layers look at its type:
-the int4 kernels take Q4_0 / Q4_1 / Q4_K blocks without re-quantizing (see `int4.py`); every
-other type is dequantized once. F32 / F16 / BF16 are reinterpreted in torch; quantized blocks
+the int4 kernels take Q4_0 / Q4_1 / Q4_K blocks without re-quantizing (see `int4.py`), the
+int8 kernels Q8_0, Q5_0, Q5_1, Q5_K and Q6_K (`int8.py`, `ggml_blocks.py`); Q2_K and Q3_K
+are dequantized once. F32 / F16 / BF16 are reinterpreted in torch; quantized blocks
 go through the `gguf` package's numpy decoder, which is fast enough for a model load
 (SmolLM2's 49152x576 Q8_0 embedding decodes in about 0.35 s on 2 cores).
 """
@@ -99,7 +100,7 @@ class GGMLTensor:
         """Stack weights of one type along the output dimension (fused q/k/v, gate/up).
 
         Mixed files (Q4_K_M stores attn_v as Q6_K beside Q4_K q/k) cannot be fused on raw
-        bytes: the caller checks `ggml_type` first and fuses dense tensors instead.
+        bytes: the caller checks `ggml_type` first and stacks them (`GGMLStack`) instead.
         """
         first = parts[0]
         for p in parts[1:]:
@@ -112,3 +113,24 @@ class GGMLTensor:
         data = np.concatenate([p.data.reshape(p.shape[0], -1) for p in parts], axis=0)
         shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
         return GGMLTensor(name, first.ggml_type, data, shape)
+
+
+@dataclass(slots=True)
+class GGMLStack:
+    """Weights of different GGML types fused along the output rows, each kept in its blocks.
+
+    Q4_K_M files store a layer's attn_v in Q6_K beside q and k in Q4_K (and Q5_0 beside
+    Q4_0 in Q4_0 files): a fused projection of them runs each part on the kernel for its own
+    type (`Linear`), where fusing on raw bytes is impossible and a dense copy costs 4 bytes
+    a weight.
+    """
+
+    name: str
+    parts: list[GGMLTensor]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (sum(p.shape[0] for p in self.parts), self.parts[0].shape[-1])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.cat([p.dequantize(dtype) for p in self.parts], dim=0)

@@ -1,11 +1,11 @@
 """GGML 4-bit blocks repacked for a CPU int4 kernel, without re-quantizing.
 
 Two kernels take them, chosen when the weight is packed:
-- ladle's own `ladle_kernels::int4_linear` (`kernels/quant_linear.cpp`) when the native
-  kernels are available: float32 activations quantized to int16 per group of 32 as they enter,
-  integer dot products with AVX-512 VNNI, scales and zeros in fp16. Against torch's kernel on
-  SmolLM2's shapes (2 cores): 2-2.5x faster at 1 and 8 rows, 2x at 512 rows; max error 2e-5
-  of the output's scale where torch's (bf16 activations) is 4e-3.
+- ladle's own int4 kernel (`kernels/quant_linear.cpp`) when the native kernels are
+  available: float32 activations quantized to int16 per group of 32 as they enter, integer
+  dot products (VNNI, or vpmaddwd on AVX2), scales and zeros in fp16. Against torch's kernel
+  on SmolLM2's shapes (2 AVX-512 cores): 2-2.5x faster at 1 and 8 rows, 2x at 512 rows; max
+  error 2e-5 of the output's scale where torch's (bf16 activations) is 4e-3.
 - torch's `_weight_int4pack_mm_for_cpu` otherwise, described below.
 
 torch's `_weight_int4pack_mm_for_cpu` computes `w = (q - 8) * scale + zero` per group of 32
@@ -26,7 +26,7 @@ bf16 and the result cast back: outputs differ from fp32 by ~3e-3 relative.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from gguf import GGMLQuantizationType
 
 from ladle.engine.kernels import native
 from ladle.engine.quant.ggml import GGMLTensor
-from ladle.engine.quant.native_matmul import native_matmul
+from ladle.engine.quant.ggml_blocks import f16, nibbles, scale_min_k4
 
 GROUP_SIZE = 32
 _OUT_MULTIPLE = 16  # torch's CPU packer rejects out_features not divisible by 16
@@ -60,15 +60,20 @@ class Int4Weight:
 
 @dataclass(slots=True)
 class NativeInt4Weight:
-    """The groups in `int4_linear`'s layout: per block of 16 output columns, 2 k per byte."""
+    """The groups in the native int4 layout (`kernels/quant_linear.cpp`): per block of 16
+    output columns, 2 k per byte."""
 
-    q: torch.Tensor  # uint8 [out / 16, in / 2, 16]: byte j of pair p holds column j's
-    # k = 2p (low nibble) and 2p + 1 (high nibble)
+    q: torch.Tensor  # uint8 [out / 16, in / 2, 16]: byte i of pair p holds column i / 2 (low
+    # nibble) and column 8 + i / 2 (high nibble) at k = 2p + i % 2
     scales: torch.Tensor  # fp16 [out / 16, in / 32, 2, 16]: w = q * scale + zero, per column
     group_size: int = GROUP_SIZE  # the source's group (HQQ4: 64, stored as two of 32)
+    kernel: native.KernelWeight = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.kernel = native.KernelWeight.of(self.q, self.scales)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return native_matmul(torch.ops.ladle_kernels.int4_linear, x, self.q, self.scales)
+        return native.linear(x, self.kernel)
 
 
 def can_pack_int4(weight: GGMLTensor) -> bool:
@@ -111,13 +116,16 @@ def pack_affine4(
 def pack_native4(
     q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
 ) -> NativeInt4Weight:
-    """`pack_affine4` for `int4_linear`: nibbles in pairs per column, `q * s + (zero - 8 s)`."""
+    """`pack_affine4` for the native kernel: columns 0-7 in the low nibbles and 8-15 in the
+    high ones, each column's k in pairs; `q * s + (zero - 8 s)`."""
     n, k = q.shape
     if group_size != GROUP_SIZE:  # each larger group becomes several groups of 32
         scale = scale.repeat_interleave(group_size // GROUP_SIZE, dim=1)
         zero = zero.repeat_interleave(group_size // GROUP_SIZE, dim=1)
-    pairs = q.to(torch.uint8).reshape(n // 16, 16, k // 2, 2).transpose(1, 2)
-    packed = pairs[..., 0] | (pairs[..., 1] << 4)  # [n / 16, k / 2, 16]
+    pairs = q.to(torch.uint8).reshape(n // 16, 16, k // 2, 2).transpose(1, 2)  # [.., col, k]
+    low = pairs[:, :, :8].reshape(n // 16, k // 2, 16)  # columns 0-7, each k2p then k2p+1
+    high = pairs[:, :, 8:].reshape(n // 16, k // 2, 16)
+    packed = low | (high << 4)  # [n / 16, k / 2, 16]
     offset = zero.double() - 8.0 * scale.double()
     columns = [t.reshape(n // 16, 16, k // GROUP_SIZE).transpose(1, 2) for t in (scale, offset)]
     scales = torch.stack(columns, dim=2).to(torch.float16)
@@ -135,41 +143,25 @@ def pack_torch4(
 
 def _unpack_q4_0(rows: np.ndarray, n: int, k: int) -> Affine4:
     blocks = rows.reshape(n, k // 32, 18)
-    d = _f16(blocks[..., 0:2])
-    return _nibbles(blocks[..., 2:18]).reshape(n, k), d, np.zeros_like(d)
+    d = f16(blocks[..., 0:2])
+    return nibbles(blocks[..., 2:18]).reshape(n, k), d, np.zeros_like(d)
 
 
 def _unpack_q4_1(rows: np.ndarray, n: int, k: int) -> Affine4:
     blocks = rows.reshape(n, k // 32, 20)
-    d, m = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
-    return _nibbles(blocks[..., 4:20]).reshape(n, k), d, m + 8.0 * d
+    d, m = f16(blocks[..., 0:2]), f16(blocks[..., 2:4])
+    return nibbles(blocks[..., 4:20]).reshape(n, k), d, m + 8.0 * d
 
 
 def _unpack_q4_k(rows: np.ndarray, n: int, k: int) -> Affine4:
     blocks = rows.reshape(n, k // 256, 144)
-    d = _f16(blocks[..., 0:2])[..., None]  # [n, k/256, 1]
-    dmin = _f16(blocks[..., 2:4])[..., None]
-    sc, m = _scale_min_k4(blocks[..., 4:16])  # [n, k/256, 8]
+    d = f16(blocks[..., 0:2])[..., None]  # [n, k/256, 1]
+    dmin = f16(blocks[..., 2:4])[..., None]
+    sc, m = scale_min_k4(blocks[..., 4:16])  # [n, k/256, 8]
     scale = (d * sc).reshape(n, -1)
     zero = 8.0 * scale - (dmin * m).reshape(n, -1)
     qs = blocks[..., 16:144].reshape(n, k // 64, 32)
-    return _nibbles(qs).reshape(n, k), scale, zero
-
-
-def _scale_min_k4(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ggml's `get_scale_min_k4` for all 8 groups: 12 bytes -> 6-bit scales and mins."""
-    lo, hi, mix = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
-    sc = np.concatenate([lo & 0x3F, (mix & 0x0F) | ((lo >> 6) << 4)], axis=-1)
-    m = np.concatenate([hi & 0x3F, (mix >> 4) | ((hi >> 6) << 4)], axis=-1)
-    return sc.astype(np.float32), m.astype(np.float32)
-
-
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # all low nibbles, then all high
-
-
-def _f16(pair: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(pair).view(np.float16)[..., 0].astype(np.float32)
+    return nibbles(qs).reshape(n, k), scale, zero
 
 
 _UNPACKERS: dict[GGMLQuantizationType, Callable[[np.ndarray, int, int], Affine4]] = {

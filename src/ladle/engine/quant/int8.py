@@ -1,12 +1,19 @@
-"""8-bit weights: GGML Q8_0 as it is on ladle's kernel, or on torch's `_weight_int8pack_mm`.
+"""8-bit weights: GGML's 5-, 6- and 8-bit types on ladle's kernel, or Q8_0 on torch's
+`_weight_int8pack_mm`.
 
-With the native kernels, `ladle_kernels::int8_linear` (`kernels/quant_linear.cpp`) takes Q8_0's
-int8 values and fp16 scales per 32 unchanged, and float32 activations (int16 per group of 32
-inside): the product of the file's own weights within 2e-5. It also serves the output head of
-a model whose table is Q8_0 (SmolLM2's 49152x576: 30 MB read per step where an fp16 copy is
-56 MB), and a tied embedding reads its rows back from the same bytes (`rows`).
+With the native kernels, the int8 kernel (`kernels/quant_linear.cpp`) takes `w = q * scale
+(+ zero)` with q in int8, fp16 scales (and zeros) per group of 32 k or scales per 16 k, and
+float32 activations (int16 per group of 32 inside). GGML's Q8_0, Q5_0, Q5_1, Q5_K and Q6_K
+are such groups (`ggml_blocks.py` reads their integers): Q8_0's, Q5_0's and Q5_1's constants
+are the file's own fp16 numbers, so the weight is the file's exactly; Q5_K's d * sc and
+dmin * m and Q6_K's d * sc are rounded once to fp16 (2^-11 relative). The product is within
+~2e-5 of the exact product of the weights held (the activations' int16). It also serves the
+output head of a model whose table is one of these (SmolLM2's 49152x576 Q8_0: 30 MB read per
+step where an fp16 copy is 56 MB; a Q6_K table takes 1.125 bytes a weight, fp16 2), and a
+tied embedding reads its rows back from the same bytes (`rows`).
 
-Otherwise, torch's `_weight_int8pack_mm`: int8 rows, one scale each, bf16 activations.
+Otherwise, Q8_0 goes to torch's `_weight_int8pack_mm`: int8 rows, one scale each, bf16
+activations (the other types are decoded: no torch kernel takes their groups).
 
 GGML's Q8_0 has one scale per 32 weights; torch's int8 CPU kernels take one per output row,
 so the Q8_0 values are re-rounded to a per-row int8 grid (measured on random 1536x576 weights:
@@ -19,17 +26,15 @@ transformers, past the test's 0.05 bound, which this kernel stays within; so it 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-from gguf import GGMLQuantizationType
 
+from ladle.engine.kernels import native
 from ladle.engine.quant.ggml import GGMLTensor
-from ladle.engine.quant.native_matmul import native_matmul
+from ladle.engine.quant.ggml_blocks import INT8_TYPES, unpack_int8
 
 _COLS = 16  # output columns per block of the native layout
-_GROUP = 32
 
 
 @dataclass(slots=True)
@@ -54,41 +59,65 @@ def pack_int8(weight: torch.Tensor) -> Int8Weight:
 
 @dataclass(slots=True)
 class NativeInt8Weight:
-    """Q8_0 in `int8_linear`'s layout: per block of 16 output columns, 2 k per 16-bit lane."""
+    """Integer groups in the native int8 layout: per block of 16 output columns, 2 k per
+    16-bit lane."""
 
     q: torch.Tensor  # int8 [out / 16, in / 2, 32]: bytes 2j, 2j + 1 of pair p are column j's
     # k = 2p, 2p + 1
-    scales: torch.Tensor  # fp16 [out / 16, in / 32, 16]: w = q * scale
+    scales: torch.Tensor  # fp16 [out / 16, in / group, 16]: w = q * scale; or
+    # [out / 16, in / 32, 2, 16], scales then zeros: w = q * scale + zero
+    kernel: native.KernelWeight = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.kernel = native.KernelWeight.of(self.q, self.scales)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return native_matmul(torch.ops.ladle_kernels.int8_linear, x, self.q, self.scales)
+        return native.linear(x, self.kernel)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of w (any shape of ids) as float32: an embedding lookup in the same bytes."""
         block, column = ids // _COLS, ids % _COLS
         k = self.q.shape[1] * 2
         pairs = self.q.view(*self.q.shape[:2], _COLS, 2)[block, :, column]  # [..., k / 2, 2]
-        scale = self.scales[block, :, column].float()  # [..., k / 32]
-        groups = pairs.reshape(*ids.shape, k // _GROUP, _GROUP).float() * scale[..., None]
+        has_zeros = self.scales.dim() == 4
+        scales = self.scales[:, :, 0] if has_zeros else self.scales  # [out / 16, groups, 16]
+        num_groups = scales.shape[1]
+        groups = pairs.reshape(*ids.shape, num_groups, k // num_groups).float()
+        groups = groups * scales[block, :, column].float()[..., None]
+        if has_zeros:
+            groups = groups + self.scales[:, :, 1][block, :, column].float()[..., None]
         return groups.reshape(*ids.shape, k)
 
 
 def can_pack_native8(weight: GGMLTensor) -> bool:
+    """Whether a GGML weight has an exact native int8 form: its type is one `ggml_blocks`
+    unpacks to int8 groups and its rows come in sixteens (every such type's block is 32 or 256
+    wide, so k is a multiple of the kernel's 32)."""
     return (
-        weight.ggml_type == GGMLQuantizationType.Q8_0
-        and len(weight.shape) == 2
-        and weight.shape[0] % _COLS == 0
+        weight.ggml_type in INT8_TYPES and len(weight.shape) == 2 and weight.shape[0] % _COLS == 0
     )
 
 
-def pack_native8(weight: GGMLTensor) -> NativeInt8Weight:
-    """A Q8_0 weight's blocks (fp16 d, then 32 int8) in `int8_linear`'s layout, exactly."""
-    n, k = weight.shape
-    blocks = np.ascontiguousarray(weight.data).reshape(n, k // _GROUP, 34)
-    d = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0])  # [n, k / 32]
-    q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).reshape(n, k)
-    pairs = q.reshape(n // _COLS, _COLS, k // 2, 2).transpose(1, 2)
-    scales = d.reshape(n // _COLS, _COLS, k // _GROUP).transpose(1, 2)
+def pack_ggml8(weight: GGMLTensor) -> NativeInt8Weight:
+    """A Q8_0 / Q5_0 / Q5_1 / Q5_K / Q6_K weight in the native int8 layout, its integers
+    exact (Q5_K's and Q6_K's per-group scales and zeros rounded once to fp16)."""
+    return pack_native8(*unpack_int8(weight))
+
+
+def pack_native8(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int
+) -> NativeInt8Weight:
+    """Pack `w = q * scale (+ zero)` (q int8 [n, k]; scale, zero [n, k / group]; n a multiple
+    of 16, group 32, or 16 without zeros): each column's k in pairs, scales and zeros in fp16."""
+    n, k = q.shape
+    pairs = q.reshape(n // _COLS, _COLS, k // 2, 2).transpose(1, 2)  # [n / 16, k / 2, col, 2]
+    columns = [
+        t.reshape(n // _COLS, _COLS, k // group).transpose(1, 2)  # [n / 16, k / group, col]
+        for t in (scale, zero)
+        if t is not None
+    ]
+    scales = columns[0] if zero is None else torch.stack(columns, dim=2)
     return NativeInt8Weight(
-        pairs.reshape(n // _COLS, k // 2, 2 * _COLS).contiguous(), scales.contiguous()
+        pairs.reshape(n // _COLS, k // 2, 2 * _COLS).contiguous(),
+        scales.to(torch.float16).contiguous(),
     )

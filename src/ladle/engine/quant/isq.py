@@ -13,8 +13,8 @@ A layer whose input width is not a multiple of a K-quant's 256 falls back to a 3
 Q4K -> Q4_1, Q5K -> Q8_0, Q6K -> Q8_0. llama.cpp (`tensor_type_fallback` in
 `src/llama-quant.cpp`) picks Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and F16 when even 32
 does not divide the width. ladle keeps Q4K's fallback at 4 bits: Q4_1 runs on the same int4
-kernel as Q4_K, while ladle runs Q5_0 dequantized to the model's dtype (fp32: 6x its size),
-so a Q4K model stays a 4-bit model whatever its widths. ladle has no Q5_0 / Q5_1 quantizer,
+kernel as Q4_K, where Q5_0 would run as int8 (twice Q4_1's bytes to read a token), so a Q4K
+model stays a 4-bit model whatever its widths. ladle has no Q5_0 / Q5_1 quantizer,
 so Q5K falls back to Q8_0. A width no block type divides stays as loaded (`ladle quantize`
 writes a float one as F16). The cost shows on SmolLM2 (576 wide): only its ffn_down (1536
 wide) gets Q4_K; every other layer is Q4_1, which from its Q4_1 source is the source itself.
