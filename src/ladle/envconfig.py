@@ -8,7 +8,7 @@
     LADLE_API_KEY       the Bearer key the service requires; how `ladle service start` hands
                         it to the process it spawns (never on the command line)
     LADLE_COMPILE       1 compiles text models' steps in the background, 0 never; unset
-                        (auto): only models the native layer kernels cannot run
+                        (auto): only models that do not run whole on the native kernels
     LADLE_NATIVE_KERNELS  0 turns off the C++ kernels (default 1)
     LADLE_CPU_ISA       the kernels' instruction set: avx512_vnni, avx512, avx_vnni, avx2, neon
                         or portable (default: the best this CPU runs)

@@ -11,7 +11,10 @@ hundred float32 terms, each rounded once more than the others'); the three-layer
 other way in float16 moves by a float16 step, 2^-11 of its size).
 
 Each case runs on the build `native.load()` chose and on every other build this machine can
-execute (`native.using_isa`); a machine with only one build skips.
+execute (`native.using_isa`); a machine with only one build skips. The SIMD paths an x86-64
+AVX2 machine cannot execute (AVX-512, AVX-VNNI, NEON) run too, emulated: their simd.h code
+compiled with SIMDe's definitions of the intrinsics (`kernels/simd_emulated.h`; Debian's
+`libsimde-dev`, which `.ci/run` installs), held to the same bits.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ if not native.load():
     pytest.skip("native kernels unavailable", allow_module_level=True)
 
 OTHERS = [name for name in isa.runnable_isas() if name != native.loaded_isa()]
+EMULATED = build.emulated_isas(isa.runnable_isas())
 ROUNDS_TWICE = build.machine() == "x86_64"  # the x86-64 portable build has no FMA
 
 
@@ -175,3 +179,13 @@ def test_every_build_this_cpu_runs_gives_the_same_results(case: str, other: str)
         torch.testing.assert_close(got, expected, rtol=0, atol=scale)
     else:
         assert torch.equal(got, expected), f"{case}: {other} differs from {native.loaded_isa()}"
+
+
+@pytest.mark.skipif(not EMULATED, reason="no SIMDe headers, or not an x86-64 AVX2 machine")
+@pytest.mark.parametrize("emulated", EMULATED)
+@pytest.mark.parametrize("case", CASES)
+def test_the_paths_this_cpu_cannot_run_give_the_same_results_emulated(
+    case: str, emulated: str
+) -> None:
+    expected, got = _run(case, None), _run(case, emulated)
+    assert torch.equal(got, expected), f"{case}: {emulated} differs from {native.loaded_isa()}"

@@ -35,7 +35,7 @@ SOURCES = (
     "row_ops.cpp",
     "thread_pool.cpp",
 )
-HEADERS = ("api.h", "attention_rows.h", "kernels.h", "simd.h", "thread_pool.h")
+HEADERS = ("api.h", "attention_rows.h", "kernels.h", "simd.h", "simd_emulated.h", "thread_pool.h")
 COMPILER = os.environ.get("CXX", "g++")
 
 _COMMON = (
@@ -61,6 +61,12 @@ ISA_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "neon": ("aarch64", ("-march=armv8-a",)),
     "portable": ("any", ()),
 }
+# Tests only: "<isa>-emulated" is `isa`'s path of simd.h compiled for an x86-64 AVX2 machine
+# with SIMDe standing in for the intrinsics (`simd_emulated.h`), so that a machine checks the
+# paths it cannot execute. SIMDe's fused multiply-adds are fused only with -mfma.
+EMULATED = "-emulated"
+SIMDE_HEADER = Path("simde/x86/avx512.h")
+_INCLUDE_DIRS = (Path("/usr/include"), Path("/usr/local/include"))
 _TIMEOUT_S = 600
 _ERROR_TAIL_CHARS = 2000
 
@@ -81,8 +87,22 @@ def library_name(isa: str) -> str:
 
 
 def flags(isa: str) -> list[str]:
+    if isa.endswith(EMULATED):
+        emulated = isa.removesuffix(EMULATED)
+        defines = [f"-DLADLE_ISA_{emulated.upper()}=1", "-DLADLE_EMULATED=1"]
+        return [*_COMMON, *_AVX2, *defines, f'-DLADLE_ISA_NAME="{isa}"']
     _, isa_flags = ISA_FLAGS[isa]
     return [*_COMMON, *isa_flags, f"-DLADLE_ISA_{isa.upper()}=1", f'-DLADLE_ISA_NAME="{isa}"']
+
+
+def emulated_isas(runnable: list[str]) -> list[str]:
+    """The SIMD sets an x86-64 machine that runs `runnable` (AVX2 among them) can check
+    through SIMDe: every one it cannot execute; none without SIMDe's headers."""
+    have_simde = any((folder / SIMDE_HEADER).exists() for folder in _INCLUDE_DIRS)
+    if machine() != "x86_64" or "avx2" not in runnable or not have_simde:
+        return []
+    simd = [isa for isa in ISA_FLAGS if isa != "portable"]
+    return [isa + EMULATED for isa in simd if isa not in runnable]
 
 
 def source_hash(isa: str) -> str:
@@ -146,4 +166,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{isa}: {'built' if error is None else error}", file=sys.stderr)
         failed += error is not None
     return 1 if failed else 0
-

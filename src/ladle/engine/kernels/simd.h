@@ -29,7 +29,13 @@
 #error "build with one of -DLADLE_ISA_{AVX512_VNNI,AVX512,AVX_VNNI,AVX2,NEON,PORTABLE}"
 #endif
 
-#if LADLE_SIMD_AVX512 || LADLE_SIMD_AVX2
+#if defined(LADLE_EMULATED)
+// Tests only (`build.py --emulate`): another CPU's intrinsics from SIMDe, computed lane by
+// lane as that CPU does, so the paths this machine cannot execute are still checked here.
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#define LADLE_EMULATED_INLINE static inline
+#include "simd_emulated.h"
+#elif LADLE_SIMD_AVX512 || LADLE_SIMD_AVX2
 #include <immintrin.h>
 #elif LADLE_SIMD_NEON
 #include <arm_neon.h>

@@ -35,6 +35,7 @@ from ladle.engine.quant.ggml import GGMLTensor
 from ladle.engine.quant.ggml_blocks import INT8_TYPES, unpack_int8
 
 _COLS = 16  # output columns per block of the native layout
+_SLICE_ROWS = 4096  # rows packed at a time (a multiple of _COLS)
 
 
 @dataclass(slots=True)
@@ -100,8 +101,26 @@ def can_pack_native8(weight: GGMLTensor) -> bool:
 
 def pack_ggml8(weight: GGMLTensor) -> NativeInt8Weight:
     """A Q8_0 / Q5_0 / Q5_1 / Q5_K / Q6_K weight in the native int8 layout, its integers
-    exact (Q5_K's and Q6_K's per-group scales and zeros rounded once to fp16)."""
-    return pack_native8(*unpack_int8(weight))
+    exact (Q5_K's and Q6_K's per-group scales and zeros rounded once to fp16).
+
+    Packed a slice of rows at a time into the final tensors, so that loading a large table
+    (Gemma 3's 262144 x 640 embedding: 168 MB of int8) holds no second whole copy of it.
+    """
+    n, k = weight.shape
+    rows = weight.data.reshape(n, -1)
+    q: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    for start in range(0, n, _SLICE_ROWS):
+        stop = min(start + _SLICE_ROWS, n)
+        piece = GGMLTensor(weight.name, weight.ggml_type, rows[start:stop], (stop - start, k))
+        packed = pack_native8(*unpack_int8(piece))
+        if q is None or scales is None:
+            q = torch.empty(n // _COLS, *packed.q.shape[1:], dtype=packed.q.dtype)
+            scales = torch.empty(n // _COLS, *packed.scales.shape[1:], dtype=torch.float16)
+        q[start // _COLS : stop // _COLS] = packed.q
+        scales[start // _COLS : stop // _COLS] = packed.scales
+    assert q is not None and scales is not None, f"{weight.name}: no rows"
+    return NativeInt8Weight(q, scales)
 
 
 def pack_native8(
