@@ -44,6 +44,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from ladle.catalog import DEFAULT_CHAT_MODEL, resolve
+from ladle.engine.kernels import isa
 from ladle.engine.loading.gguf import read_gguf
 
 KV_BUDGET_TOKENS = 4096
@@ -60,9 +61,7 @@ SYSTEM_WORDS = 483  # about 500 tokens with SmolLM2's tokenizer
 USER_WORDS = 101  # about 100
 END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>")
 READY_TIMEOUT = 180.0
-QUIET_WARNING = (
-    "Timing needs a quiet machine: other busy processes distort torch's OpenMP kernels 3-10x."
-)
+QUIET_WARNING = "Timing needs a quiet machine: another busy process slows both servers 1.5-3.5x."
 WORDS = (  # random sequences of these make prompts that share no prefix beyond the template
     "river stone market engine garden letter window winter signal harbor question silver "
     "family bridge forest number system paper orange history music travel village doctor "
@@ -439,6 +438,7 @@ def main() -> None:
             ) as e:
                 results[name] = f"not measured: {e}"
     print(f"model: {args.model}\nthreads: {args.threads}")
+    print(f"cpu: {isa.cpu_name()} | ladle's kernels: {isa.selected_isa()} (LADLE_CPU_ISA forces)")
     for name, text in settings.items():
         print(f"{name}: {text}")
     max_tokens = QUICK_DECODE_TOKENS if args.quick else DECODE_TOKENS
