@@ -20,6 +20,7 @@ compiled with SIMDe's definitions of the intrinsics (`kernels/simd_emulated.h`; 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -33,6 +34,14 @@ if not native.load():
 OTHERS = [name for name in isa.runnable_isas() if name != native.loaded_isa()]
 EMULATED = build.emulated_isas(isa.runnable_isas())
 ROUNDS_TWICE = build.machine() == "x86_64"  # the x86-64 portable build has no FMA
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _emulated_builds() -> None:
+    """Build the emulated libraries (about 30 s each, once per source change) two at a time,
+    before their cases ask for them one by one."""
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(native.open_library, EMULATED))
 
 
 def _int4(rows: int, cols: int, zeros: bool = True) -> native.KernelWeight:

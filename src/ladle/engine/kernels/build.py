@@ -90,7 +90,8 @@ def flags(isa: str) -> list[str]:
     if isa.endswith(EMULATED):
         emulated = isa.removesuffix(EMULATED)
         defines = [f"-DLADLE_ISA_{emulated.upper()}=1", "-DLADLE_EMULATED=1"]
-        return [*_COMMON, *_AVX2, *defines, f'-DLADLE_ISA_NAME="{isa}"']
+        common = ["-O1" if flag == "-O3" else flag for flag in _COMMON]  # builds in 2/3 the time
+        return [*common, *_AVX2, *defines, f'-DLADLE_ISA_NAME="{isa}"']
     _, isa_flags = ISA_FLAGS[isa]
     return [*_COMMON, *isa_flags, f"-DLADLE_ISA_{isa.upper()}=1", f'-DLADLE_ISA_NAME="{isa}"']
 

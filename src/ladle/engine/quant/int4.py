@@ -122,10 +122,9 @@ def pack_native4(
     if group_size != GROUP_SIZE:  # each larger group becomes several groups of 32
         scale = scale.repeat_interleave(group_size // GROUP_SIZE, dim=1)
         zero = zero.repeat_interleave(group_size // GROUP_SIZE, dim=1)
-    pairs = q.to(torch.uint8).reshape(n // 16, 16, k // 2, 2).transpose(1, 2)  # [.., col, k]
-    low = pairs[:, :, :8].reshape(n // 16, k // 2, 16)  # columns 0-7, each k2p then k2p+1
-    high = pairs[:, :, 8:].reshape(n // 16, k // 2, 16)
-    packed = low | (high << 4)  # [n / 16, k / 2, 16]
+    blocks = q.to(torch.uint8).reshape(n // 16, 16, k // 2, 2)  # [block, column, pair, k]
+    both = blocks[:, :8] | (blocks[:, 8:] << 4)  # columns j and 8 + j in one byte
+    packed = both.permute(0, 2, 1, 3).reshape(n // 16, k // 2, 16)  # byte 2j + k % 2
     offset = zero.double() - 8.0 * scale.double()
     columns = [t.reshape(n // 16, 16, k // GROUP_SIZE).transpose(1, 2) for t in (scale, offset)]
     scales = torch.stack(columns, dim=2).to(torch.float16)
