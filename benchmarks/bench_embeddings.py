@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ladle import EmbeddingModelBuilder
-from ladle.catalog import resolve
+from ladle.store.catalog import resolve
 
 try:
     from sentence_transformers import SentenceTransformer

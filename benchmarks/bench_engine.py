@@ -62,10 +62,10 @@ from typing import Any
 
 from synthetic_models import SYNTHETIC, synthetic_gguf
 
-from ladle.catalog import DEFAULT_CHAT_MODEL, resolve
 from ladle.engine.kernels import isa, native
 from ladle.engine.loading.gguf import read_gguf
 from ladle.engine.loading.tokenizer import Tokenizer
+from ladle.store.catalog import DEFAULT_CHAT_MODEL, resolve
 
 PROMPT_WORDS = (
     "The history of computing is a story of ideas that build on each other: from the abacus "

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ladle import TextModelBuilder
-from ladle.catalog import DEFAULT_CHAT_MODEL, resolve
+from ladle.cores.text import ModelCore
 from ladle.engine.loader import LoadedModel
 from ladle.engine.loading.config import ModelConfig
 from ladle.engine.loading.gguf import read_gguf
@@ -38,8 +38,8 @@ from ladle.engine.loading.weights import gguf_weights
 from ladle.engine.models import ARCHITECTURES
 from ladle.engine.quant.ggml import GGMLTensor
 from ladle.model import Model
-from ladle.model_core import ModelCore
 from ladle.perplexity import perplexity
+from ladle.store.catalog import DEFAULT_CHAT_MODEL, resolve
 
 DATA = Path(__file__).parent / "data"
 EVAL_TEXT = DATA / "alice_chapter1.txt"

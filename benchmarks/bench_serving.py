@@ -43,9 +43,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from ladle.catalog import DEFAULT_CHAT_MODEL, resolve
 from ladle.engine.kernels import isa
 from ladle.engine.loading.gguf import read_gguf
+from ladle.store.catalog import DEFAULT_CHAT_MODEL, resolve
 
 KV_BUDGET_TOKENS = 4096
 COMPILE_TIMEOUT = 900  # seconds

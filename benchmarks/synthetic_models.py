@@ -42,8 +42,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from ladle.catalog import DEFAULT_CHAT_MODEL, resolve
 from ladle.engine.quant.hf_vocab import write_tokenizer
+from ladle.store.catalog import DEFAULT_CHAT_MODEL, resolve
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ladle-bench"
 GEMMA3_GLOBAL_THETA = 1_000_000.0  # RoPE base of the full-attention layers

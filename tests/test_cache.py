@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ladle.cache import MARKER, ModelCache
-from ladle.catalog import CatalogEntry
-from ladle.download import download_model
+from ladle.store.cache import MARKER, ModelCache
+from ladle.store.download import download_model
+from ladle.store.entry import CatalogEntry
 
 
 def local_source_entry(

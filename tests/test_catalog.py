@@ -9,16 +9,16 @@ from typing import Any
 
 import pytest
 
-from ladle.cache import ModelCache
-from ladle.catalog import (
+from ladle.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
+from ladle.store.cache import ModelCache
+from ladle.store.catalog import (
     DEFAULT_CHAT_MODEL,
     DEFAULT_EMBEDDING_MODEL,
     Catalog,
-    CatalogEntry,
     resolve,
 )
-from ladle.download import download_model
-from ladle.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
+from ladle.store.download import download_model
+from ladle.store.entry import CatalogEntry
 
 QWEN_CPU = "qwen2.5-0.5b-instruct-q4_k_m-generic-cpu:1"
 QWEN_CUDA = "qwen2.5-0.5b-instruct-cuda-gpu:1"

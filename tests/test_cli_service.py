@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from ladle import cli, service
+from ladle import cli
+from ladle.manager import service
 
 ALIAS = "ladle-test-smollm2"
 CPU_ID = "ladle-test-smollm2-generic-cpu:1"

@@ -17,11 +17,12 @@ from typing import Any
 
 import pytest
 
-import ladle.transfer
-from ladle.cache import ModelCache
-from ladle.catalog import Catalog, CatalogEntry
-from ladle.download import DownloadProgress, download_model, fetch
+import ladle.store.transfer
 from ladle.errors import DownloadError
+from ladle.store.cache import ModelCache
+from ladle.store.catalog import Catalog
+from ladle.store.download import DownloadProgress, download_model, fetch
+from ladle.store.entry import CatalogEntry
 
 BODY = bytes(range(256)) * 8192  # 2 MiB, every offset distinct enough to catch a bad resume
 BODY_SHA = hashlib.sha256(BODY).hexdigest()
@@ -111,7 +112,7 @@ def server() -> Iterator[FileServer]:
 
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ladle.transfer, "RETRY_DELAY", 0.01)
+    monkeypatch.setattr(ladle.store.transfer, "RETRY_DELAY", 0.01)
 
 
 def make_entry(files: list[dict[str, Any]], model_id: str = "tiny-generic-cpu:1") -> CatalogEntry:

@@ -80,7 +80,7 @@ def test_serve_passes_the_kv_cache_dtype_on(
     def registration(*args: object) -> Iterator[Callable[[str], None]]:
         yield lambda url: None
 
-    monkeypatch.setattr("ladle.service.registration", registration)
+    monkeypatch.setattr("ladle.manager.service.registration", registration)
     monkeypatch.setattr(serve_cli, "serve", lambda s, on_ready: settings.append(s))
     monkeypatch.setattr("signal.signal", lambda *args: None)  # leave pytest's SIGTERM be
     assert main(["serve", *argv]) == 0

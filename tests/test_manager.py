@@ -18,7 +18,6 @@ import openai
 import pytest
 import torch
 
-from ladle import service
 from ladle.errors import DownloadError, ModelNotFoundError, ServiceError
 from ladle.manager import (
     DeviceType,
@@ -26,6 +25,7 @@ from ladle.manager import (
     FoundryLocalManager,
     FoundryModelInfo,
     ModelRuntime,
+    service,
 )
 from ladle.manager._base import ServiceCatalog
 

@@ -23,8 +23,8 @@ from ladle import (
     TextMessageRole,
     TextMessages,
     TextModelBuilder,
-    model_core,
 )
+from ladle.cores import text as text_core
 from ladle.engine.kernels import native
 
 QUESTION = [{"role": "user", "content": "Write one sentence about the sea."}]
@@ -259,10 +259,10 @@ def test_models_left_open_are_closed_at_exit(
 ) -> None:
     """An open model's daemon engine thread, still in torch while the interpreter tears down
     its thread pools, aborted the process now and then (exit 134); exit closes it first."""
-    monkeypatch.setattr(model_core, "_open_engines", weakref.WeakSet())  # not other tests'
+    monkeypatch.setattr(text_core, "_open_engines", weakref.WeakSet())  # not other tests'
     m = TextModelBuilder(smollm2_path).build()
-    assert len(model_core._open_engines) == 1
-    model_core._close_open_engines()  # what `atexit` runs
+    assert len(text_core._open_engines) == 1
+    text_core._close_open_engines()  # what `atexit` runs
     with pytest.raises(EngineClosedError):
         m.chat("hello")
     script = (

@@ -15,8 +15,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from ladle import TextModelBuilder, model_core
+from ladle import TextModelBuilder
 from ladle.cli import main
+from ladle.cores import text as text_core
+from ladle.cores.text import ModelCore
 from ladle.engine.loader import LoadedModel
 from ladle.engine.loading.config import ModelConfig
 from ladle.engine.loading.gguf import GGUFFile, read_gguf
@@ -26,7 +28,6 @@ from ladle.engine.models import ARCHITECTURES
 from ladle.engine.quant.ggml import GGMLTensor
 from ladle.errors import ContextLengthError, InvalidRequestError
 from ladle.model import AsyncModel, Model
-from ladle.model_core import ModelCore
 from ladle.perplexity import perplexity, sliding_windows
 
 pytestmark = pytest.mark.real_model
@@ -200,7 +201,7 @@ def test_logits_for_in_chunks_equals_one_pass(
 ) -> None:
     ids = dense_model.tokenize(TEXT)[:40]
     one_pass = dense_model.logits_for(ids)
-    monkeypatch.setattr(model_core, "SCORE_CHUNK_SIZE", 16)  # three chunks through one cache
+    monkeypatch.setattr(text_core, "SCORE_CHUNK_SIZE", 16)  # three chunks through one cache
     torch.testing.assert_close(dense_model.logits_for(ids), one_pass, atol=1e-4, rtol=0)
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from ladle.errors import InvalidRequestError
 from ladle.messages import RequestBuilder, TextMessageRole, TextMessages
-from ladle.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from ladle.protocol.openai import ChatCompletionRequest, CompletionRequest, parse_request
 
 USER = [{"role": "user", "content": "hi"}]
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ladle import service
 from ladle.errors import ServiceError
-from ladle.service import ServiceState
+from ladle.manager import service
+from ladle.manager.service import ServiceState
 
 
 def _free_port() -> int:
@@ -156,8 +156,9 @@ def test_a_serving_process_imports_httpx_and_llguidance_only_on_use() -> None:
     """httpx (with its CLI's rich and pygments) costs 5-6 MB and llguidance 2 MB of a server's
     memory: the client, downloads and constrained requests import them when they need them."""
     code = (
-        "import sys, ladle, ladle.cli, ladle.cli.serve, ladle.server.app, ladle.service\n"
-        "print(sorted(m for m in ('httpx', 'ladle.manager', 'llguidance') if m in sys.modules))\n"
+        "import sys, ladle, ladle.cli, ladle.cli.serve, ladle.server.app, ladle.manager.service\n"
+        "watched = ('httpx', 'ladle.manager._base', 'llguidance')\n"
+        "print(sorted(m for m in watched if m in sys.modules))\n"
         "from ladle import FoundryLocalManager\n"  # the client still imports on first use
         "print(FoundryLocalManager.__module__, 'FoundryLocalManager' in dir(ladle))\n"
     )

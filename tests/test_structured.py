@@ -26,8 +26,8 @@ from ladle import (
     StructuredOutputError,
     TextMessageRole,
 )
-from ladle.protocol import ChatCompletionResponse
-from ladle.structured import parse_structured
+from ladle.cores.structured import parse_structured
+from ladle.protocol.openai import ChatCompletionResponse
 
 pytestmark = pytest.mark.real_model
 

@@ -18,15 +18,15 @@ from llguidance import LLMatcher
 from pydantic import BaseModel
 
 from ladle import GgufModelBuilder, InvalidRequestError, Model, RequestBuilder
+from ladle.cores.responses import Accumulator
+from ladle.cores.text import CONSTRAINED_MAX_TOKENS
 from ladle.engine.grammar import GrammarCompiler
 from ladle.engine.loading.chat_template import render_chat_template, template_capabilities
 from ladle.engine.loading.gguf import read_gguf
 from ladle.engine.loading.tokenizer import Tokenizer
 from ladle.engine.sequence import TokenEvent
-from ladle.model_core import CONSTRAINED_MAX_TOKENS
-from ladle.protocol import ChatCompletionChunk, ChatCompletionRequest, Tool, parse_request
-from ladle.responses import Accumulator
-from ladle.tool_calls import (
+from ladle.protocol.openai import ChatCompletionChunk, ChatCompletionRequest, Tool, parse_request
+from ladle.tools.parser import (
     HERMES,
     JSON_CALLS,
     LLAMA3,

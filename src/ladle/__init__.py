@@ -16,6 +16,7 @@ from ladle.builders import (
     MultiModelBuilder,
     TextModelBuilder,
 )
+from ladle.cores.text import ModelInfo
 from ladle.errors import (
     ContextLengthError,
     DownloadError,
@@ -36,8 +37,7 @@ from ladle.messages import (
     TextMessages,
 )
 from ladle.model import AsyncModel, Model
-from ladle.model_core import ModelInfo
-from ladle.protocol import (
+from ladle.protocol.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,

@@ -17,9 +17,9 @@ from typing import Self
 import torch
 
 from ladle import envconfig
-from ladle.catalog import resolve
+from ladle.cores.embedding import EmbeddingCore
+from ladle.cores.text import ModelCore
 from ladle.devices import cgroup_cpu_quota
-from ladle.embedding_core import EmbeddingCore
 from ladle.engine.embedding_loader import LoadedEmbedder, load_embedder
 from ladle.engine.kernels import native
 from ladle.engine.kv_cache import DEFAULT_KV_CACHE_DTYPE, parse_kv_cache_dtype
@@ -27,7 +27,7 @@ from ladle.engine.loader import LoadedModel, load_model
 from ladle.engine.quant.isq import parse_isq_type
 from ladle.errors import InvalidRequestError, ModelLoadError
 from ladle.model import AsyncModel, Model, Models
-from ladle.model_core import ModelCore
+from ladle.store.catalog import resolve
 
 _DTYPES = {
     "auto": torch.float32,

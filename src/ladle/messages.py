@@ -12,7 +12,7 @@ import enum
 from typing import Any
 
 from ladle.errors import InvalidRequestError
-from ladle.protocol import ChatCompletionRequest, Constraint, EmbeddingRequest, parse_request
+from ladle.protocol.openai import ChatCompletionRequest, Constraint, EmbeddingRequest, parse_request
 
 
 class TextMessageRole(enum.StrEnum):

@@ -2,7 +2,7 @@
 
 Both hold one or more cores by model id (`MultiModelBuilder` builds several; a call without
 `model_id=` goes to the default one). A core holds every rule that does no waiting: a
-`ModelCore` (model_core.py) for a text model, an `EmbeddingCore` (embedding_core.py) for an
+`ModelCore` (cores/text.py) for a text model, an `EmbeddingCore` (cores/embedding.py) for an
 embedding model; asking one for what only the other does is an `InvalidRequestError` naming
 the model.
 `Model` waits on a thread queue, `AsyncModel` on an asyncio queue fed thread-safely by the
@@ -24,14 +24,16 @@ from typing import Any, Protocol, TypeVar, overload
 import torch
 from pydantic import BaseModel
 
-from ladle.embedding_core import EmbeddingCore, EmbeddingInput
+from ladle.cores.embedding import EmbeddingCore, EmbeddingInput
+from ladle.cores.responses import Accumulator, completion_chunk
+from ladle.cores.structured import parse_structured, structured_request
+from ladle.cores.text import ChatInput, CompletionInput, ModelCore, ModelInfo
 from ladle.engine.engine import EngineStats, RequestHandle
 from ladle.engine.sampling import SamplingParams
 from ladle.engine.sequence import TokenEvent
 from ladle.errors import InvalidRequestError, ModelNotFoundError
 from ladle.messages import TextMessages
-from ladle.model_core import ChatInput, CompletionInput, ModelCore, ModelInfo
-from ladle.protocol import (
+from ladle.protocol.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -41,8 +43,6 @@ from ladle.protocol import (
     new_id,
     now,
 )
-from ladle.responses import Accumulator, completion_chunk
-from ladle.structured import parse_structured, structured_request
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -8,9 +8,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ladle.cache import ModelCache
-from ladle.catalog import CatalogEntry
-from ladle.download import DownloadProgress, download_model
+from ladle.store.cache import ModelCache
+from ladle.store.download import DownloadProgress, download_model
+from ladle.store.entry import CatalogEntry
 
 NOT_RUNNING = "Model management service is not running."
 

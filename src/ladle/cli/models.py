@@ -7,8 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ladle.cache import ModelCache
-from ladle.catalog import Catalog, CatalogEntry
 from ladle.cli._common import (
     NOT_RUNNING,
     cache_dir_option,
@@ -19,6 +17,9 @@ from ladle.cli._common import (
     table,
 )
 from ladle.errors import ModelNotFoundError, ServiceError
+from ladle.store.cache import ModelCache
+from ladle.store.catalog import Catalog
+from ladle.store.entry import CatalogEntry
 
 
 def add_model(sub: Any) -> None:

@@ -9,11 +9,11 @@ from typing import Any
 from tqdm import tqdm
 
 from ladle.builders import TextModelBuilder
-from ladle.cache import ModelCache
-from ladle.catalog import Catalog
 from ladle.cli._common import cache_dir_option, download_with_bar
 from ladle.errors import InvalidRequestError
 from ladle.perplexity import DEFAULT_CONTEXT_LENGTH, perplexity
+from ladle.store.cache import ModelCache
+from ladle.store.catalog import Catalog
 
 
 def add_perplexity(sub: Any) -> None:

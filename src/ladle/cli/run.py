@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from ladle.builders import TextModelBuilder
-from ladle.cache import ModelCache
-from ladle.catalog import DEFAULT_CHAT_MODEL, Catalog
 from ladle.cli._common import (
     cache_dir_option,
     download_with_bar,
 )
 from ladle.model import Model
+from ladle.store.cache import ModelCache
+from ladle.store.catalog import DEFAULT_CHAT_MODEL, Catalog
 
 
 def add_run(sub: Any) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from ladle import envconfig, service
+from ladle import envconfig
 from ladle.cli._common import (
     NOT_RUNNING,
     cache_dir_option,
@@ -18,8 +18,9 @@ from ladle.cli._common import (
     json_option,
     table,
 )
+from ladle.manager import service
+from ladle.manager.service import ServiceState
 from ladle.server.app import ServerSettings, serve
-from ladle.service import ServiceState
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

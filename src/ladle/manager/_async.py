@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from ladle import service
+from ladle.manager import service
 from ladle.manager._base import (
     DEFAULT_TTL,
     BaseManager,
@@ -22,7 +22,7 @@ from ladle.manager._base import (
     runnable_providers,
 )
 from ladle.manager._models import FoundryModelInfo
-from ladle.service import ServiceState
+from ladle.manager.service import ServiceState
 
 logger = logging.getLogger(__name__)
 

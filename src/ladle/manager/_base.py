@@ -15,12 +15,12 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from ladle import service
 from ladle.devices import runnable_device_types
 from ladle.errors import DownloadError, ModelNotFoundError, ServiceError
-from ladle.foundry_protocol import FoundryDownloadResult, FoundryStatus
+from ladle.manager import service
 from ladle.manager._models import ExecutionProvider, FoundryModelInfo
-from ladle.service import ServiceState
+from ladle.manager.service import ServiceState
+from ladle.protocol.foundry import FoundryDownloadResult, FoundryStatus
 
 logger = logging.getLogger(__name__)
 

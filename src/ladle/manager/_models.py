@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ladle.errors import ServiceError
-from ladle.foundry_protocol import FoundryDownloadModel, FoundryListEntry
+from ladle.protocol.foundry import FoundryDownloadModel, FoundryListEntry
 
 
 class DeviceType(StrEnum):

@@ -27,8 +27,6 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ladle.cache import ModelCache
-from ladle.catalog import Catalog
 from ladle.engine.kv_cache import parse_kv_cache_dtype
 from ladle.errors import InvalidRequestError, LadleError, ServiceError
 from ladle.server.errors import handle_exception, unauthorized
@@ -37,6 +35,8 @@ from ladle.server.lifecycle import CatalogResolver, ModelPool
 from ladle.server.metrics import Metrics, RequestMetrics
 from ladle.server.openai_routes import OpenAIRoutes
 from ladle.server.quant_routes import QuantRoutes
+from ladle.store.cache import ModelCache
+from ladle.store.catalog import Catalog
 
 logger = logging.getLogger(__name__)
 

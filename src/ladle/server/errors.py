@@ -23,7 +23,7 @@ from ladle.errors import (
     ModelLoadError,
     ModelNotFoundError,
 )
-from ladle.protocol import ErrorDetail, ErrorResponse
+from ladle.protocol.openai import ErrorDetail, ErrorResponse
 
 logger = logging.getLogger(__name__)
 

@@ -27,11 +27,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ladle.cache import ModelCache
-from ladle.catalog import Catalog, CatalogEntry
-from ladle.download import DownloadProgress, download_model
 from ladle.errors import InvalidRequestError
-from ladle.foundry_protocol import (
+from ladle.protocol.foundry import (
     FoundryDownloadRequest,
     FoundryDownloadResult,
     FoundryListEntry,
@@ -39,10 +36,14 @@ from ladle.foundry_protocol import (
     FoundryRuntime,
     FoundryStatus,
 )
-from ladle.protocol import parse_body
+from ladle.protocol.openai import parse_body
 from ladle.server.errors import to_error
 from ladle.server.lifecycle import ModelPool
 from ladle.server.openai_routes import ClosingStreamingResponse
+from ladle.store.cache import ModelCache
+from ladle.store.catalog import Catalog
+from ladle.store.download import DownloadProgress, download_model
+from ladle.store.entry import CatalogEntry
 
 EXECUTION_PROVIDERS = ("cpu",)  # what `ep=` may ask for: the engine runs on the CPU
 _TRUE = ("true", "1", "yes")

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ladle.builders import EmbeddingModelBuilder, TextModelBuilder
-from ladle.cache import ModelCache
-from ladle.catalog import Catalog
 from ladle.engine.embedding_loader import is_embedding_model
 from ladle.errors import ModelNotFoundError
 from ladle.model import AsyncModel
 from ladle.server.errors import CapacityError, ModelBusyError
 from ladle.server.metrics import LoadedModelStats, Metrics
+from ladle.store.cache import ModelCache
+from ladle.store.catalog import Catalog
 
 logger = logging.getLogger(__name__)
 

@@ -20,10 +20,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from ladle.cache import ModelCache
-from ladle.catalog import Catalog
 from ladle.model import AsyncModel
-from ladle.protocol import (
+from ladle.protocol.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     CompletionRequest,
@@ -37,6 +35,8 @@ from ladle.protocol import (
 from ladle.server.errors import to_error
 from ladle.server.lifecycle import Lease, ModelPool
 from ladle.server.metrics import Metrics
+from ladle.store.cache import ModelCache
+from ladle.store.catalog import Catalog
 
 Chunk = ChatCompletionChunk | CompletionResponse
 StreamedRequest = TypeVar("StreamedRequest", ChatCompletionRequest, CompletionRequest)

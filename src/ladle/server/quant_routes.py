@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ladle.errors import InvalidRequestError
-from ladle.protocol import parse_body
+from ladle.protocol.openai import parse_body
 from ladle.server.lifecycle import ModelPool
 
 

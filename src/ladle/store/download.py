@@ -23,14 +23,15 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 from filelock import FileLock, Timeout
 
 from ladle import envconfig
 from ladle.errors import DownloadError
-from ladle.transfer import (
+from ladle.store.cache import ModelCache
+from ladle.store.entry import CatalogEntry
+from ladle.store.transfer import (
     SOURCE_SCHEMES,
     DownloadProgress,
     Interrupted,
@@ -44,10 +45,6 @@ from ladle.transfer import (
     parse_pypi,
     source_scheme,
 )
-
-if TYPE_CHECKING:
-    from ladle.cache import ModelCache
-    from ladle.catalog import CatalogEntry
 
 __all__ = [
     "SOURCE_SCHEMES",

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from ladle.engine.loading.chat_template import TemplateCapabilities
 from ladle.engine.loading.tokenizer import Tokenizer
-from ladle.protocol import ChatCompletionRequest, NamedToolChoice, Tool, closed_schema
+from ladle.protocol.openai import ChatCompletionRequest, NamedToolChoice, Tool, closed_schema
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ladle.cores.text import ModelInfo, start_on_own_thread
 from ladle.engine.embedding_engine import EmbeddingEngine
 from ladle.engine.embedding_loader import LoadedEmbedder
 from ladle.errors import ContextLengthError, InvalidRequestError
 from ladle.messages import EmbeddingRequestBuilder
-from ladle.model_core import ModelInfo, start_on_own_thread
-from ladle.protocol import (
+from ladle.protocol.openai import (
     Embedding,
     EmbeddingRequest,
     EmbeddingResponse,

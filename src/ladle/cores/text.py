@@ -18,6 +18,8 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
+from ladle.cores.responses import Accumulator
+from ladle.cores.structured import request_grammar
 from ladle.engine.engine import EngineConfig, LLMEngine
 from ladle.engine.grammar import GrammarCompiler
 from ladle.engine.kv_cache import DEFAULT_KV_CACHE_DTYPE
@@ -32,7 +34,7 @@ from ladle.engine.quant.live import LiveQuantizer
 from ladle.engine.sampling import SamplingParams
 from ladle.errors import ContextLengthError, InvalidRequestError
 from ladle.messages import RequestBuilder, TextMessages
-from ladle.protocol import (
+from ladle.protocol.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChunkChoice,
@@ -41,9 +43,7 @@ from ladle.protocol import (
     Delta,
     parse_request,
 )
-from ladle.responses import Accumulator
-from ladle.structured import request_grammar
-from ladle.tool_calls import model_tool_format, template_messages, tool_parsing
+from ladle.tools.parser import model_tool_format, template_messages, tool_parsing
 
 ChatInput = (
     str

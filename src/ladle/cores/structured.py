@@ -3,7 +3,7 @@ back as a Python value.
 
 A request names its constraint in one of three ways: OpenAI's `response_format` (chat only),
 mistral.rs's `grammar`, or a forced tool call (`tool_choice` `required` or a named function,
-whose grammar tool_calls.py builds). Each is compiled for the model by the engine's
+whose grammar tools/parser.py builds). Each is compiled for the model by the engine's
 `GrammarCompiler`; errors name the field the user wrote.
 """
 
@@ -16,13 +16,13 @@ from pydantic import BaseModel
 
 from ladle.engine.grammar import CompiledGrammar, GrammarCompiler
 from ladle.errors import InvalidRequestError, StructuredOutputError
-from ladle.protocol import (
+from ladle.protocol.openai import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     Constraint,
 )
-from ladle.tool_calls import (
+from ladle.tools.parser import (
     ToolFormat,
     allows_several_calls,
     callable_tools,

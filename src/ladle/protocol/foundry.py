@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import AliasChoices, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel, to_pascal
 
-from ladle.protocol import Wire
+from ladle.protocol.openai import Wire
 
 
 class _CamelWire(Wire):

@@ -2,7 +2,7 @@
 
 Streaming and non-streaming replies are built from the same `TokenEvent`s by the same
 accumulator, so a streamed reply concatenates to exactly the non-streamed one. When a request
-offers tools, each choice's text goes through a `ToolCallParser` (tool_calls.py): text outside
+offers tools, each choice's text goes through a `ToolCallParser` (tools/parser.py): text outside
 calls is the content, each call streams as two deltas (id, type and name, then the arguments),
 and a reply that called a tool ends with `finish_reason: "tool_calls"`.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ladle.engine.loading.tokenizer import Tokenizer
 from ladle.engine.sequence import TokenEvent
-from ladle.protocol import (
+from ladle.protocol.openai import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionChunk,
@@ -32,7 +32,7 @@ from ladle.protocol import (
     TopLogprob,
     Usage,
 )
-from ladle.tool_calls import ParsedCall, ToolCallParser, ToolParsing, new_call_id
+from ladle.tools.parser import ParsedCall, ToolCallParser, ToolParsing, new_call_id
 
 NewPiece = str | tuple[int, ToolCall]  # text, or a call and its index in the reply
 

@@ -4,7 +4,7 @@ Requests are validated here, where they enter: `parse_request` turns pydantic's 
 one `InvalidRequestError` naming the field (`messages[1].role`, `top_p`), so the SDK and the
 server report bad input the same way. Extensions that mistral.rs and vLLM accept (`top_k`,
 `min_p`, `repetition_penalty`, `truncate_sequence`) sit beside OpenAI's own fields.
-Foundry Local's management shapes live beside it, in `foundry_protocol.py`.
+Foundry Local's management shapes live beside it, in `foundry.py`.
 """
 
 from __future__ import annotations

@@ -20,15 +20,13 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from filelock import FileLock
 
 from ladle import envconfig
-from ladle.download import file_uri_path
-
-if TYPE_CHECKING:
-    from ladle.catalog import CatalogEntry, CatalogFile
+from ladle.store.entry import CatalogEntry, CatalogFile
+from ladle.store.transfer import file_uri_path
 
 MARKER = ".ladle-entry.json"
 LOCKS_DIR = ".locks"
