@@ -26,20 +26,18 @@ from ladle.engine.loading.gguf import read_gguf
 from ladle.engine.loading.tokenizer import Tokenizer
 from ladle.engine.sequence import TokenEvent
 from ladle.protocol.openai import ChatCompletionChunk, ChatCompletionRequest, Tool, parse_request
-from ladle.tools.parser import (
+from ladle.tools.formats import (
     HERMES,
     JSON_CALLS,
     LLAMA3,
     MISTRAL,
-    ParsedCall,
     ToolFormat,
-    ToolParsing,
     detect_format,
     format_calls,
-    parse_reply,
     template_messages,
-    tool_call_grammar,
 )
+from ladle.tools.grammar import tool_call_grammar
+from ladle.tools.parser import ParsedCall, ToolParsing, parse_reply
 
 # the tool-related lines of each family's template, as their models ship them
 QWEN_TEMPLATE = (

@@ -3,7 +3,7 @@ back as a Python value.
 
 A request names its constraint in one of three ways: OpenAI's `response_format` (chat only),
 mistral.rs's `grammar`, or a forced tool call (`tool_choice` `required` or a named function,
-whose grammar tools/parser.py builds). Each is compiled for the model by the engine's
+whose grammar tools/grammar.py builds). Each is compiled for the model by the engine's
 `GrammarCompiler`; errors name the field the user wrote.
 """
 
@@ -22,13 +22,8 @@ from ladle.protocol.openai import (
     CompletionRequest,
     Constraint,
 )
-from ladle.tools.parser import (
-    ToolFormat,
-    allows_several_calls,
-    callable_tools,
-    is_call_forced,
-    tool_call_grammar,
-)
+from ladle.tools.formats import ToolFormat, allows_several_calls, callable_tools, is_call_forced
+from ladle.tools.grammar import tool_call_grammar
 
 M = TypeVar("M", bound=BaseModel)
 

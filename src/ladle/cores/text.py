@@ -43,7 +43,8 @@ from ladle.protocol.openai import (
     Delta,
     parse_request,
 )
-from ladle.tools.parser import model_tool_format, template_messages, tool_parsing
+from ladle.tools.formats import model_tool_format, template_messages
+from ladle.tools.parser import tool_parsing
 
 ChatInput = (
     str

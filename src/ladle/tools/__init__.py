@@ -1,2 +1,2 @@
-"""Tool calling: the call syntax of each model family, replies read back as calls, and the
-grammar that forces a well-formed call (parser.py; the agent loop, sessions and MCP come next)."""
+"""Tool calling: each family's call syntax (formats.py), the streaming parser of replies
+(parser.py), and the grammar that forces a well-formed call (grammar.py)."""
