@@ -27,6 +27,8 @@ import torch
 
 from ladle.engine.kernels import build, isa, native
 from ladle.engine.layers.rotary import RotaryEmbedding
+from ladle.engine.quant.ggml_blocks import Int8Groups
+from ladle.engine.quant.int8 import pack_native6
 
 if not native.load():
     pytest.skip("native kernels unavailable", allow_module_level=True)
@@ -54,6 +56,13 @@ def _int8(rows: int, cols: int, group: int = 32, zeros: bool = False) -> native.
     q = torch.randint(-128, 128, (rows // 16, cols // 2, 32), dtype=torch.int8)
     shape = (rows // 16, cols // group, 2, 16) if zeros else (rows // 16, cols // group, 16)
     return native.KernelWeight.of(q, (torch.rand(shape) * 0.01).half())
+
+
+def _int6(rows: int, cols: int) -> native.KernelWeight:
+    q = torch.randint(-32, 32, (rows, cols), dtype=torch.int8)
+    scales = torch.rand(rows, cols // 16) * 0.01
+    packed = pack_native6(Int8Groups(q, scales, None, 16))
+    return native.KernelWeight.of(packed.q, packed.scales)
 
 
 def _dense(rows: int, cols: int, dtype: torch.dtype) -> native.KernelWeight:
@@ -150,6 +159,8 @@ CASES: dict[str, Callable[[], torch.Tensor]] = {
     "int8": lambda: native.linear(torch.randn(7, 96), _int8(32, 96)),
     "int8_zeros": lambda: native.linear(torch.randn(2, 64), _int8(16, 64, zeros=True)),
     "int8_group16": lambda: native.linear(torch.randn(9, 64), _int8(32, 64, group=16)),
+    "int6_1_row": lambda: native.linear(torch.randn(1, 64), _int6(32, 64)),
+    "int6_9_rows": lambda: native.linear(torch.randn(9, 96), _int6(48, 96)),
     **{
         f"dense_{dtype}": (
             lambda dtype=dtype: native.linear(torch.randn(5, 72), _dense(19, 72, dtype))

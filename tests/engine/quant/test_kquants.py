@@ -25,7 +25,13 @@ from ladle.engine.layers.linear import Linear
 from ladle.engine.quant.ggml import GGMLTensor
 from ladle.engine.quant.ggml_blocks import Int8Groups, unpack_int8
 from ladle.engine.quant.ggml_quantize import quantize
-from ladle.engine.quant.int8 import NativeInt8Weight, can_pack_native8, pack_ggml8
+from ladle.engine.quant.int8 import (
+    NativeInt8Weight,
+    can_pack_native8,
+    pack_ggml8,
+    pack_native6,
+    pack_native8,
+)
 
 T = GGMLQuantizationType
 # the fp16 fields (d, and m / dmin) of each block, by byte offset (ggml-common.h)
@@ -138,6 +144,22 @@ def test_kernel_product_is_the_reference_product(ggml_type: T, source: str, rows
     exact = x.double() @ reference(w).double().T
     bound = ACTIVATION_INT16 * exact.abs().max() + x.double().abs() @ weight_bound(w).T
     assert ((out - exact).abs() <= bound).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 9])
+def test_q6_k_keeps_six_bits_and_multiplies_as_its_int8_form_to_the_bit(rows: int) -> None:
+    """Q6_K's integers in 0.75 bytes (+ the fp16 scale per 16 k): the kernel sums the same
+    integer products in the same order as from their int8 copy, so the outputs are equal."""
+    w = random_blocks(T.Q6_K, 64, 512, seed=rows)
+    groups = unpack_int8(w)
+    six, eight = pack_native6(groups), pack_native8(*groups)
+    assert six.q.dtype == torch.uint8 and six.q.numel() == 64 * 512 * 3 // 4
+    assert pack_ggml8(w).q.dtype == torch.uint8  # what loading a Q6_K tensor holds
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
+    assert torch.equal(six.matmul(x), eight.matmul(x))
+    ids = torch.tensor([[0, 9, 16, 63], [31, 8, 47, 1]])  # columns on both halves of a block
+    assert torch.equal(six.rows(ids), eight.rows(ids))
 
 
 @needs_kernels

@@ -16,7 +16,8 @@ extern "C" {
 #endif
 
 /* A linear weight [rows, cols]: format 0 float32, 1 float16, 2 bfloat16, 3 int4, 4 int8,
- * 5 int8 with a scale per 16 k (kernels.h: WeightFormat; quant_linear.cpp: the layouts). */
+ * 5 int8 with a scale per 16 k, 6 int6 with a scale per 16 k (kernels.h: WeightFormat;
+ * quant_linear.cpp: the layouts). */
 typedef struct {
   int32_t format;
   int32_t has_zeros;

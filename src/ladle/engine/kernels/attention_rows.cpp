@@ -27,10 +27,11 @@ constexpr int kValueBlock = 8;  // query vectors whose value sums share register
 // cache from DRAM (the weights between two steps evict it), a row at a time.
 constexpr int64_t kPrefetchRows = 8;
 
+// A head's whole row, every cache line of it (128 bytes for 64 halves, 512 for 256 floats).
 template <class T>
-LADLE_INLINE void prefetch_row(const T* row) {  // a head's row: 128 bytes for 64 halves
-  __builtin_prefetch(row);
-  __builtin_prefetch(reinterpret_cast<const char*>(row) + 64);
+LADLE_INLINE void prefetch_row(const T* row, int64_t length) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t at = 0; at < length * int64_t(sizeof(T)); at += 64) __builtin_prefetch(bytes + at);
 }
 
 // out[(c * nb + j) * 16 + l] = dim 16 c + l of q[j] ([nb, D]), zeros past D: score_keys'
@@ -115,7 +116,7 @@ template <int NB, class T>
 void score_keys(const float* q, int64_t D, const T* const* keys, int64_t n, float* scores) {
   constexpr int W = NB <= 2 ? 2 : NB <= 4 ? 4 : NB <= 8 ? 8 : 16;
   for (int64_t i = 0; i < n; ++i) {
-    if (i + kPrefetchRows < n) prefetch_row(keys[i + kPrefetchRows]);
+    if (i + kPrefetchRows < n) prefetch_row(keys[i + kPrefetchRows], D);
     F acc[W];
     for (int j = 0; j < W; ++j) acc[j] = zero();
     const float* qc = q;
@@ -177,8 +178,8 @@ void accumulate_rows(const float* p, const T* const* values, const int32_t* coun
     for (int j = 0; j < NB; ++j) even[j] = odd[j] = zero();
     for (int64_t i = 0; i < common; i += 2) {
       if (d == 0 && i + kPrefetchRows + 1 < common) {
-        prefetch_row(values[i + kPrefetchRows]);
-        prefetch_row(values[i + kPrefetchRows + 1]);
+        prefetch_row(values[i + kPrefetchRows], Dv);
+        prefetch_row(values[i + kPrefetchRows + 1], Dv);
       }
       const F v0 = load_first(values[i] + d, width);
       const F v1 = load_first(values[i + 1] + d, width);

@@ -17,6 +17,7 @@ enum WeightFormat : int32_t {
   kInt4 = 3,  // nibbles, fp16 scales (and zeros) per 32 k
   kInt8 = 4,  // bytes, fp16 scales (and zeros) per 32 k
   kInt8Group16 = 5,  // bytes, fp16 scales per 16 k
+  kInt6Group16 = 6,  // 6 bits less 32 (a nibble plane, then a top-bit plane), scales per 16 k
 };
 
 struct Weight {

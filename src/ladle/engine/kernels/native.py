@@ -165,7 +165,7 @@ _SIGNATURES: dict[str, tuple[object, tuple[object, ...]]] = {
 }
 
 # Weight formats (api.h: LadleWeight)
-F32, F16, BF16, INT4, INT8, INT8_GROUP16 = range(6)
+F32, F16, BF16, INT4, INT8, INT8_GROUP16, INT6_GROUP16 = range(7)
 _DENSE_FORMATS = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 
@@ -381,6 +381,8 @@ def _part(data: torch.Tensor, scales: torch.Tensor | None) -> CWeight:
             fmt = INT4
         elif data.dtype == torch.int8 and width == 32 and group in (16, 32):
             fmt = INT8 if group == 32 else INT8_GROUP16
+        elif data.dtype == torch.uint8 and width == 24 and group == 16:
+            fmt = INT6_GROUP16
         else:
             raise ValueError(
                 f"weight: no packed form is {data.dtype} [.., {width}] in groups of {group}"

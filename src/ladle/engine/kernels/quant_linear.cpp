@@ -2,7 +2,9 @@
 //   int4: w = q * scale + zero, q in 0..15 (GGML Q4_0 / Q4_1 / Q4_K, HQQ4);
 //   int8: w = q * scale (+ zero), q in -128..127 (GGML Q8_0; Q5_0, Q5_1 and Q5_K as their
 //         5-bit values, whole);
-//   int8 in groups of 16: w = q * scale, a scale per 16 k (GGML Q6_K's sub-blocks).
+//   int8 in groups of 16: w = q * scale, a scale per 16 k;
+//   int6 in groups of 16: w = (q - 32) * scale, q in 0..63, a scale per 16 k (GGML Q6_K,
+//         whose sub-blocks these are: 0.875 bytes a weight where int8 takes 1.125).
 //
 // A tile of rows of x shares each decoded weight vector, and each output is one sum over k in
 // a fixed order whatever the number of rows, threads or instruction set, so a sequence gets
@@ -21,6 +23,8 @@
 //          nibble) and column 8 + i / 2 (high nibble) at k = 2p + i % 2: one widening to
 //          16-bit words, a mask and a shift give all 16 columns' pairs (simd.h);
 //          int8: int8 [M / 16, K / 2, 32], bytes 2j and 2j + 1 of pair p holding them;
+//          int6: uint8 [M / 16, K / 2, 24], the low four bits as int4's 16 bytes, then 8
+//          bytes of top bits, byte c holding word c + 8s's in bits 2s, 2s + 1 (s = 0..3);
 //          either way a pair widens to the two 16-bit words of lane j;
 //   scales fp16 [M / 16, K / G, R, 16]: per group of G k, the 16 columns' scales, then
 //          (R = 2) their zeros.
@@ -61,6 +65,12 @@ struct Bytes {
 
 struct Bytes16 : Bytes {  // a scale per 16 k: two per activation group
   static constexpr int64_t kScaleGroup = 16;
+};
+
+struct Sixes {  // Q6_K's 6 bits: a nibble plane and a plane of top bits, a scale per 16 k
+  static constexpr int64_t kPairBytes = kCols + kCols / 2;
+  static constexpr int64_t kScaleGroup = 16;
+  LADLE_INLINE static W widen(const uint8_t* pair) { return widen_sixes(pair); }
 };
 
 template <class Format>
@@ -113,7 +123,10 @@ struct Streamed {
   const WeightView<Format>& w;
 
   LADLE_INLINE W operator()(int64_t b, int64_t p) const {
-    if ((p * Format::kPairBytes) % 64 == 0) __builtin_prefetch(w.pair(b, p + kPrefetchPairs));
+    // once per cache line: the pair that starts in it (int6's 24-byte pairs straddle lines)
+    if ((p * Format::kPairBytes) % 64 < Format::kPairBytes) {
+      __builtin_prefetch(w.pair(b, p + kPrefetchPairs));
+    }
     return Format::widen(w.pair(b, p));
   }
 };
@@ -310,6 +323,8 @@ void linear(const float* x, int64_t N, const Weight& w, float* out, int64_t ldo)
       return quant_linear(x, N, K, WeightView<Bytes>{q, scales, K, 1 + w.has_zeros}, M, out, ldo);
     case kInt8Group16:
       return quant_linear(x, N, K, WeightView<Bytes16>{q, scales, K, 1}, M, out, ldo);
+    case kInt6Group16:
+      return quant_linear(x, N, K, WeightView<Sixes>{q, scales, K, 1}, M, out, ldo);
     case kF32:
       return dense_linear(x, N, K, static_cast<const float*>(w.data), M, out, ldo);
     case kF16:

@@ -193,6 +193,21 @@ LADLE_INLINE W widen_nibbles(const uint8_t* pair) {
 LADLE_INLINE W widen_bytes(const uint8_t* pair) {
   return {_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pair)))};
 }
+// Lane j: column j's 6-bit values at k = 2p and 2p + 1, less 32, from a pair's 24 bytes: the
+// low four bits as `widen_nibbles` reads its 16, then 8 bytes of the top two bits, byte c
+// holding word c + 8s's in bits 2s and 2s + 1 (s = 0..3), words in the order of W's int16.
+LADLE_INLINE W widen_sixes(const uint8_t* pair) {
+  const W low = widen_nibbles(pair);
+  int64_t top_bytes;
+  std::memcpy(&top_bytes, pair + 16, 8);
+  const __m512i top = _mm512_cvtepu8_epi16(_mm256_set1_epi64x(top_bytes));  // word w: byte w % 8
+  const __m512i shifts = _mm512_set_epi64(
+      0x0006000600060006, 0x0006000600060006, 0x0004000400040004, 0x0004000400040004,
+      0x0002000200020002, 0x0002000200020002, 0, 0);
+  const __m512i high = _mm512_slli_epi16(
+      _mm512_and_si512(_mm512_srlv_epi16(top, shifts), _mm512_set1_epi16(3)), 4);
+  return {_mm512_sub_epi16(_mm512_or_si512(low.v, high), _mm512_set1_epi16(32))};
+}
 LADLE_INLINE W load_w(const int16_t* p) { return {_mm512_loadu_si512(p)}; }
 LADLE_INLINE void store_w(int16_t* p, W w) { _mm512_storeu_si512(p, w.v); }
 // Lane j + w_j.lo * x.lo + w_j.hi * x.hi, for x_pair two int16 (lo in the low half).
@@ -343,6 +358,19 @@ LADLE_INLINE W widen_nibbles(const uint8_t* pair) {  // the layout: AVX-512's wi
 LADLE_INLINE W widen_bytes(const uint8_t* pair) {
   return {_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair))),
           _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + 16)))};
+}
+LADLE_INLINE W widen_sixes(const uint8_t* pair) {  // the layout: AVX-512's widen_sixes
+  const W low = widen_nibbles(pair);
+  const __m128i top8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(pair + 16));
+  const __m256i top = _mm256_cvtepu8_epi16(_mm_unpacklo_epi64(top8, top8));  // word i: byte i % 8
+  // words 0-15 want bits 0-1 (i < 8) or 2-3 at bits 4-5; words 16-31 bits 4-5 or 6-7
+  const __m256i to_lo = _mm256_set_epi16(4, 4, 4, 4, 4, 4, 4, 4, 16, 16, 16, 16, 16, 16, 16, 16);
+  const __m256i to_hi = _mm256_set_epi16(1, 1, 1, 1, 1, 1, 1, 1, 4, 4, 4, 4, 4, 4, 4, 4);
+  const __m256i mask = _mm256_set1_epi16(0x30), bias = _mm256_set1_epi16(32);
+  const __m256i lo = _mm256_and_si256(_mm256_mullo_epi16(top, to_lo), mask);
+  const __m256i hi = _mm256_and_si256(_mm256_mullo_epi16(_mm256_srli_epi16(top, 2), to_hi), mask);
+  return {_mm256_sub_epi16(_mm256_or_si256(low.lo, lo), bias),
+          _mm256_sub_epi16(_mm256_or_si256(low.hi, hi), bias)};
 }
 LADLE_INLINE W load_w(const int16_t* p) {
   return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
@@ -502,6 +530,16 @@ LADLE_INLINE W widen_bytes(const uint8_t* pair) {
   w.q[3] = vmovl_high_s8(b);
   return w;
 }
+LADLE_INLINE W widen_sixes(const uint8_t* pair) {  // the layout: AVX-512's widen_sixes
+  W w = widen_nibbles(pair);
+  const int16x8_t top = vreinterpretq_s16_u16(vmovl_u8(vld1_u8(pair + 16)));  // word i: byte i
+  const int16x8_t three = vdupq_n_s16(3), bias = vdupq_n_s16(32);
+  w.q[0] = vsubq_s16(vorrq_s16(w.q[0], vshlq_n_s16(vandq_s16(top, three), 4)), bias);
+  w.q[1] = vsubq_s16(vorrq_s16(w.q[1], vshlq_n_s16(vandq_s16(vshrq_n_s16(top, 2), three), 4)), bias);
+  w.q[2] = vsubq_s16(vorrq_s16(w.q[2], vshlq_n_s16(vandq_s16(vshrq_n_s16(top, 4), three), 4)), bias);
+  w.q[3] = vsubq_s16(vorrq_s16(w.q[3], vshlq_n_s16(vshrq_n_s16(top, 6), 4)), bias);
+  return w;
+}
 LADLE_INLINE W load_w(const int16_t* p) {
   W w;
   for (int i = 0; i < 4; ++i) w.q[i] = vld1q_s16(p + 8 * i);
@@ -639,6 +677,13 @@ LADLE_INLINE W widen_nibbles(const uint8_t* pair) {  // the layout: AVX-512's wi
 LADLE_INLINE W widen_bytes(const uint8_t* pair) {
   W w;
   for (int j = 0; j < 32; ++j) w.v[j] = int16_t(int8_t(pair[j]));
+  return w;
+}
+LADLE_INLINE W widen_sixes(const uint8_t* pair) {  // the layout: AVX-512's widen_sixes
+  W w = widen_nibbles(pair);
+  for (int i = 0; i < 32; ++i) {
+    w.v[i] = int16_t((w.v[i] | (((pair[16 + i % 8] >> (2 * (i / 8))) & 3) << 4)) - 32);
+  }
   return w;
 }
 LADLE_INLINE W load_w(const int16_t* p) {

@@ -124,6 +124,15 @@ LADLE_EMULATED_INLINE __m512i ladle_emu_cvtepu16_epi32(__m256i a) {
   for (int i = 0; i < 16; ++i) r[i] = h[i];
   return _mm512_loadu_si512(r);
 }
+// VPMOVZXBW: 32 uint8 lanes widened to int16.
+#define _mm512_cvtepu8_epi16(a) ladle_emu_cvtepu8_epi16(a)
+LADLE_EMULATED_INLINE __m512i ladle_emu_cvtepu8_epi16(__m256i a) {
+  uint8_t b[32];
+  int16_t r[32];
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(b), a);
+  for (int i = 0; i < 32; ++i) r[i] = b[i];
+  return _mm512_loadu_si512(r);
+}
 // VMOVUPS with a merge mask: only the selected lanes are written.
 #define _mm512_mask_storeu_ps(p, mask, a) ladle_emu_mask_storeu_ps(p, mask, a)
 LADLE_EMULATED_INLINE void ladle_emu_mask_storeu_ps(void* p, __mmask16 mask, __m512 a) {

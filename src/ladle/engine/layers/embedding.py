@@ -9,8 +9,9 @@ looks its rows up in the head's table, so the table sits in memory once.
 
 A Q8_0, Q5_0, Q5_1, Q5_K or Q6_K table with the native kernels is better still: the head keeps
 the file's integers in the int8 kernel's form (`quant/int8.py`; SmolLM2's Q8_0 table 30 MB
-against 56 in fp16, multiplied in 0.5 ms rather than 1.5-2.3 at one row; a Q6_K table in
-1.125 bytes a weight), and a tied embedding decodes its rows from them.
+against 56 in fp16, multiplied in 0.5 ms rather than 1.5-2.3 at one row; a Q6_K table keeps
+its six bits, 0.875 bytes a weight with its scales), and a tied embedding decodes its rows
+from them.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ forward is one kernel call:
   activations, integer dot products) when the native kernels load, else torch's CPU int4
   kernel; the weight is never re-quantized (`quant/int4.py`).
 - Q8_0, Q5_0, Q5_1, Q5_K, Q6_K: ladle's int8 kernel on the file's integers (groups of 32,
-  Q6_K's of 16; `quant/int8.py`) when the native kernels load and the rows come in sixteens.
+  Q6_K's of 16 and in six bits; `quant/int8.py`) when the native kernels load and the rows
+  come in sixteens.
   Otherwise Q8_0 goes to torch's `_weight_int8pack_mm` (per-row scales, so re-rounded) and
   the others are decoded as below.
 - F16 / BF16 GGML weights: kept in that dtype, the activations cast to it.
