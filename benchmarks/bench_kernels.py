@@ -3,7 +3,9 @@
     python benchmarks/bench_kernels.py [--threads 2] [--rounds 5]
 
 For SmolLM2-135M's shapes: the int4 and int8 matmuls (1 row: a decode step; 128 rows: a
-prefill chunk), the float16 head, decode attention over 600 cached positions, RMSNorm. Each
+prefill chunk), the float16 head, decode attention over 600 cached positions, RMSNorm.
+Attention is called from Python here, where the model's step calls it from C++: the row at
+1 position is that call's own cost, to subtract (the cache is hot, as it is not in a step). Each
 op runs on each build (`native.using_isa`) and on torch's counterpart (int4: torch's
 `_weight_int4pack_mm_for_cpu` with bfloat16 activations; float16 and int8: `F.linear` on the
 dequantized float32 weight; attention: `scaled_dot_product_attention`), in rounds that visit
@@ -74,6 +76,14 @@ def cases() -> dict[str, tuple[Op, Op, int]]:
     out["decode attention, 600 positions"] = (
         lambda: native.decode_attention(q, keys, values, 0.125),
         sdpa,
+        200,
+    )
+    one_k, one_v = keys[:, :1].contiguous(), values[:, :1].contiguous()
+    out["attention call cost, 1 position"] = (
+        lambda: native.decode_attention(q, one_k, one_v, 0.125),
+        lambda: F.scaled_dot_product_attention(
+            q[None, :, None], one_k[None].float(), one_v[None].float(), enable_gqa=True
+        ),
         200,
     )
     rows, w = torch.randn(128, 576), torch.randn(576)
