@@ -42,6 +42,16 @@ def test_draws_follow_the_distribution_and_never_pick_a_zero() -> None:
     torch.testing.assert_close(got.float() / 20_000, probs, rtol=0, atol=0.015)
 
 
+def test_a_draw_that_rounds_up_to_the_total_takes_the_last_possible_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """u * total may round to the total itself (u just under 1): no cumulative sum exceeds
+    it, and the draw must still be a token, one of nonzero probability."""
+    monkeypatch.setattr(torch, "rand", lambda *size, generator=None: torch.ones(*size))
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    assert draws(SamplingParams(temperature=1.0), probs.log(), seed=3, n=3) == [4, 4, 4]
+
+
 def test_top_k_restricts_to_k_best() -> None:
     logits = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
     assert set(draws(SamplingParams(temperature=5.0, top_k=2), logits, seed=0, n=200)) == {0, 1}
