@@ -4,6 +4,9 @@ test cache."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +68,23 @@ def _wordpiece_gguf_metadata(reference: HFTokenizer) -> dict[str, Any]:
         "tokenizer.ggml.seperator_token_id": reference.token_to_id("[SEP]"),
         "tokenizer.ggml.padding_token_id": reference.token_to_id("[PAD]"),
     }
+
+
+MCP_TEST_TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="session")
+def mcp_http_server() -> Iterator[tuple[str, str]]:
+    """tests/mcp_servers/http_server.py on a free loopback port: its URL, and the bearer
+    token it wants in `Authorization`."""
+    env = {**os.environ, "MCP_TEST_TOKEN": MCP_TEST_TOKEN}
+    script = Path(__file__).parent / "mcp_servers" / "http_server.py"
+    with subprocess.Popen(
+        [sys.executable, str(script), "0"], stdout=subprocess.PIPE, text=True, env=env
+    ) as process:
+        try:
+            assert process.stdout is not None
+            port = int(process.stdout.readline().split()[1])  # "PORT <n>", once it is bound
+            yield f"http://127.0.0.1:{port}/mcp", MCP_TEST_TOKEN
+        finally:
+            process.terminate()
