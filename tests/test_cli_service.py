@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from ladle import cli
@@ -196,13 +197,20 @@ def test_a_group_alone_prints_its_help(capsys: pytest.CaptureFixture[str]) -> No
     assert code == 2 and "start" in out and "status" in out
 
 
-def test_restart_keeps_the_pinned_port(port: int, capsys: pytest.CaptureFixture[str]) -> None:
+def test_restart_keeps_the_pinned_port_and_the_sessions(
+    port: int, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"http://127.0.0.1:{port}/v1/sessions/kept"
+    messages = [{"role": "user", "content": "Remember me."}]
+    assert httpx.put(url, json={"messages": messages}).status_code == 200
     before = service.find()
     code, out, err = run(capsys, "service", "restart")
     assert code == 0, err
     assert out == f"Model management service is running on {_status_url(port)}\n"
     after = service.find()
     assert before is not None and after is not None and after.pid != before.pid
+    assert httpx.get(url).json()["messages"] == messages  # from $LADLE_HOME/sessions.db
+    assert (home / "sessions.db").is_file()
 
 
 def test_stop_then_status_says_none_runs(port: int, capsys: pytest.CaptureFixture[str]) -> None:

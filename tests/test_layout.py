@@ -27,11 +27,11 @@ MAY_IMPORT = {
     "messages": {"protocol"},
     "tools": {"protocol", "engine"},
     "cores": {"tools", "protocol", "engine", "messages"},
-    "model": {"cores", "protocol", "engine", "messages"},
-    "builders": {"model", "cores", "engine", "store"},
+    "model": {"cores", "protocol", "engine", "messages", "tools"},
+    "builders": {"model", "cores", "engine", "store", "tools"},
     "perplexity": {"model"},
     "manager": {"protocol"},
-    "server": {"builders", "model", "cores", "protocol", "engine", "store", "manager"},
+    "server": {"builders", "model", "cores", "protocol", "engine", "store", "manager", "tools"},
 }
 
 

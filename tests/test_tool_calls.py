@@ -298,8 +298,10 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize(("body", "param"), BAD_REQUESTS)
 def test_bad_tool_requests_name_the_field(body: dict[str, Any], param: str) -> None:
+    """As parsed, or as prepared: `tool_choice` is checked against the tools offered, which
+    server-side tools join after parsing."""
     with pytest.raises(InvalidRequestError) as caught:
-        parse_request(ChatCompletionRequest, body)
+        parse_request(ChatCompletionRequest, body).check_tool_choice()
     assert caught.value.param == param
 
 

@@ -25,6 +25,7 @@ from ladle.errors import (
     LadleError,
     ModelLoadError,
     ModelNotFoundError,
+    NotFoundError,
     ServiceError,
     StructuredOutputError,
     UnsupportedArchitectureError,
@@ -47,6 +48,10 @@ from ladle.protocol.openai import (
     EmbeddingRequest,
     EmbeddingResponse,
 )
+from ladle.tools.callbacks import ServerTool, ToolFile, ToolOutput, tool
+from ladle.tools.files import StoredFile
+from ladle.tools.mcp import McpClientConfig, McpServerConfig, load_mcp_config
+from ladle.tools.runtime import Toolbox
 
 if TYPE_CHECKING:
     from ladle.manager import (
@@ -96,18 +101,28 @@ __all__ = [
     "GgufModelBuilder",
     "InvalidRequestError",
     "LadleError",
+    "McpClientConfig",
+    "McpServerConfig",
     "Model",
     "ModelInfo",
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelRuntime",
     "MultiModelBuilder",
+    "NotFoundError",
     "RequestBuilder",
+    "ServerTool",
     "ServiceError",
+    "StoredFile",
     "StructuredOutputError",
     "TextMessageRole",
     "TextMessages",
     "TextModelBuilder",
+    "ToolFile",
+    "ToolOutput",
+    "Toolbox",
     "UnsupportedArchitectureError",
     "UnsupportedTensorTypeError",
+    "load_mcp_config",
+    "tool",
 ]

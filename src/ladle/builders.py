@@ -11,8 +11,9 @@ import asyncio
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import torch
 
@@ -28,6 +29,10 @@ from ladle.engine.quant.isq import parse_isq_type
 from ladle.errors import InvalidRequestError, ModelLoadError
 from ladle.model import AsyncModel, Model, Models
 from ladle.store.catalog import resolve
+from ladle.tools.callbacks import ServerTool, tool_callback
+from ladle.tools.mcp import McpClientConfig
+from ladle.tools.runtime import DEFAULT_MAX_TOOL_ROUNDS, DEFAULT_TOOL_TIMEOUT_SECS, Toolbox
+from ladle.tools.sessions import SessionLimits
 
 _DTYPES = {
     "auto": torch.float32,
@@ -54,8 +59,110 @@ def available_cores() -> int:
     return max(1, min(torch.get_num_threads(), allowed))
 
 
-class _Builder:
+class _AgentOptions:
+    """What every builder offers for the agent runtime: tool callbacks, MCP servers, sessions.
+
+    Each built `Model` gets a `Toolbox` of its own from these, unless `with_toolbox` shares
+    one (a service shares one between all its models)."""
+
+    def __init__(self) -> None:
+        self._callbacks: list[ServerTool] = []
+        self._mcp: McpClientConfig | None = None
+        self._max_tool_rounds = DEFAULT_MAX_TOOL_ROUNDS
+        self._tool_timeout_secs: float | None = DEFAULT_TOOL_TIMEOUT_SECS
+        self._sessions_path: Path | None = None
+        self._session_limits: SessionLimits | None = None
+        self._shared_toolbox: Toolbox | None = None
+
+    def with_tool_callback(
+        self,
+        name: str | ServerTool,
+        fn: Callable[..., Any] | None = None,
+        *,
+        description: str | None = None,
+        parameters: dict[str, Any] | None = None,
+    ) -> Self:
+        """A Python function the model may call; ladle runs it and feeds the result back.
+
+        `with_tool_callback("weather", get_weather)` takes the JSON schema of the arguments
+        from the function's type hints and its description from the docstring (or pass
+        `description=` and `parameters=`); `with_tool_callback(fn)` takes a function made
+        by the `@ladle.tool` decorator whole. Sync functions run on a worker thread, async
+        ones on the tool loop.
+        """
+        if isinstance(name, ServerTool):
+            self._callbacks.append(name)
+        else:
+            if fn is None:
+                raise InvalidRequestError(f"tool {name!r} needs a function", param="fn")
+            self._callbacks.append(tool_callback(name, fn, description, parameters))
+        return self
+
+    def with_mcp_client(self, config: McpClientConfig) -> Self:
+        """Connect these MCP servers when the model is built; their tools are offered to the
+        model (`auto_register_tools`) and run through them."""
+        self._mcp = config
+        return self
+
+    def with_max_tool_rounds(self, rounds: int) -> Self:
+        """Rounds of server-side tool calls per request, at most (a request's
+        `max_tool_rounds` overrides it)."""
+        if rounds < 0:
+            raise InvalidRequestError("must be >= 0", "max_tool_rounds")
+        self._max_tool_rounds = rounds
+        return self
+
+    def with_tool_timeout_secs(self, seconds: float | None) -> Self:
+        """How long a tool callback may run before the model is told it timed out (None:
+        no limit). MCP tools follow their `McpClientConfig.tool_timeout_secs`."""
+        if seconds is not None and seconds <= 0:
+            raise InvalidRequestError("must be positive", "tool_timeout_secs")
+        self._tool_timeout_secs = seconds
+        return self
+
+    def with_sessions(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        max_sessions: int = 128,
+        idle_ttl_secs: float | None = 1800.0,
+        max_bytes: int = 256 << 20,
+    ) -> Self:
+        """Where sessions live: an SQLite file that outlives the process (None: memory, as
+        by default), and how many are kept."""
+        self._sessions_path = None if path is None else Path(path).expanduser()
+        self._session_limits = SessionLimits(max_sessions, idle_ttl_secs, max_bytes)
+        return self
+
+    def with_toolbox(self, toolbox: Toolbox) -> Self:
+        """Share a started `Toolbox` (tools, sessions, files) with other models; its owner
+        closes it. The other agent options are then ignored."""
+        self._shared_toolbox = toolbox
+        return self
+
+    def _toolbox(self) -> tuple[Toolbox, bool]:
+        """The toolbox to serve with, started, and whether the new `Model` owns it."""
+        if self._shared_toolbox is not None:
+            return self._shared_toolbox, False
+        toolbox = Toolbox(
+            self._callbacks,
+            self._mcp,
+            db_path=self._sessions_path,
+            session_limits=self._session_limits,
+            max_tool_rounds=self._max_tool_rounds,
+            tool_timeout_secs=self._tool_timeout_secs,
+        )
+        try:
+            toolbox.start()
+        except BaseException:
+            toolbox.close()
+            raise
+        return toolbox, True
+
+
+class _Builder(_AgentOptions):
     def __init__(self, path: Path) -> None:
+        super().__init__()
         self.path = path
         self.dtype: torch.dtype = torch.float32
         self.device = "cpu"
@@ -210,12 +317,24 @@ class _Builder:
         )
 
     def build(self) -> Model:
-        """Load the model and start its engine."""
-        return Model(Models.of(self._start(), self))
+        """Load the model and start its engine (and connect its MCP servers)."""
+        core = self._start()
+        try:
+            toolbox, owned = self._toolbox()
+        except BaseException:
+            core.engine.close()
+            raise
+        return Model(Models.of(core, self, toolbox, owned))
 
     async def build_async(self) -> AsyncModel:
         """Load the model on a worker thread and return its asyncio interface."""
-        return AsyncModel(Models.of(await asyncio.to_thread(self._start), self))
+        core = await asyncio.to_thread(self._start)
+        try:
+            toolbox, owned = await asyncio.to_thread(self._toolbox)
+        except BaseException:
+            await asyncio.to_thread(core.engine.close)
+            raise
+        return AsyncModel(Models.of(core, self, toolbox, owned))
 
 
 class TextModelBuilder(_Builder):
@@ -278,12 +397,14 @@ class EmbeddingModelBuilder(_Builder):
         )
 
 
-class MultiModelBuilder:
+class MultiModelBuilder(_AgentOptions):
     """Several models behind one `Model` (mistral.rs's `MultiModelBuilder`): each is loaded by
     its own builder and keeps its own engine and thread; a call picks one with `model_id=`, or
-    goes to the default (the first added, unless `with_default_model` names another)."""
+    goes to the default (the first added, unless `with_default_model` names another). Tools,
+    MCP servers and sessions are set here, once for all of them."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._entries: list[tuple[_Builder, str | None]] = []
         self._default: str | None = None
 
@@ -302,7 +423,7 @@ class MultiModelBuilder:
         try:
             for builder, alias in self._entries:
                 cores.append(builder._start(alias))
-            return Model(self._registry(cores))
+            return Model(self._registry(cores, *self._toolbox()))
         except BaseException:
             for core in cores:
                 core.engine.close()
@@ -314,16 +435,19 @@ class MultiModelBuilder:
         try:
             for builder, alias in self._entries:
                 cores.append(await asyncio.to_thread(builder._start, alias))
-            return AsyncModel(self._registry(cores))
+            toolbox, owned = await asyncio.to_thread(self._toolbox)
+            return AsyncModel(self._registry(cores, toolbox, owned))
         except BaseException:
             for core in cores:
                 await asyncio.to_thread(core.engine.close)
             raise
 
-    def _registry(self, cores: list[ModelCore | EmbeddingCore]) -> Models:
+    def _registry(
+        self, cores: list[ModelCore | EmbeddingCore], toolbox: Toolbox, owned: bool
+    ) -> Models:
         if not cores:
             raise InvalidRequestError("MultiModelBuilder has no models: call add_model first")
-        models = Models()
+        models = Models(toolbox, owned)
         for core, (builder, _) in zip(cores, self._entries, strict=True):
             models.add(core, builder)  # two models under one id: an error naming it
         if self._default is not None:

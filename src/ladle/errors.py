@@ -7,6 +7,7 @@
     ├── InvalidRequestError         a request field is out of range or malformed (names the field)
     │   └── ContextLengthError          the prompt does not fit in the model's context
     ├── ModelNotFoundError          no catalog entry, cached model or file has that name
+    ├── NotFoundError               no session or tool file has that id (names it)
     ├── StructuredOutputError       a constrained reply was cut short (max_tokens) or does not parse
     ├── DownloadError               fetching a model failed (names the model and the source)
     ├── ServiceError                the local service cannot be reached, started or stopped
@@ -64,6 +65,14 @@ class ModelNotFoundError(LadleError):
     def __init__(self, name: str, detail: str = "") -> None:
         self.name = name
         super().__init__(f"model {name!r} not found" + (f": {detail}" if detail else ""))
+
+
+class NotFoundError(LadleError):
+    """No session or stored file answers to an id; `kind` says which ("session", "file")."""
+
+    def __init__(self, kind: str, item_id: str) -> None:
+        self.kind, self.item_id = kind, item_id
+        super().__init__(f"{kind} {item_id!r} not found")
 
 
 class StructuredOutputError(LadleError):

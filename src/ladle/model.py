@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import queue
 import threading
 import weakref
@@ -43,6 +44,8 @@ from ladle.protocol.openai import (
     new_id,
     now,
 )
+from ladle.tools.files import StoredFile
+from ladle.tools.runtime import AgentRun, Toolbox
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -147,15 +150,23 @@ class Models:
     act on. Each model keeps its own engine and thread; the registry only routes, and keeps
     each model's builder so that an unloaded model can be loaded again."""
 
-    def __init__(self) -> None:
+    def __init__(self, toolbox: Toolbox | None = None, owns_toolbox: bool = True) -> None:
         self._slots: dict[str, _Slot] = {}
         self.default = ""
+        self.toolbox = toolbox if toolbox is not None else Toolbox()
+        self.owns_toolbox = owns_toolbox  # False: shared (a service's), closed by its owner
         self._lock = threading.Lock()
         self._loading = threading.Lock()  # one reload at a time: a model is never loaded twice
 
     @classmethod
-    def of(cls, core: Core, builder: ModelBuilder | None = None) -> Models:
-        models = cls()
+    def of(
+        cls,
+        core: Core,
+        builder: ModelBuilder | None = None,
+        toolbox: Toolbox | None = None,
+        owns_toolbox: bool = True,
+    ) -> Models:
+        models = cls(toolbox, owns_toolbox)
         models.add(core, builder)
         return models
 
@@ -284,6 +295,20 @@ class _Routing:
         core = self._models.get(model_id)
         return core.engine.stats() if isinstance(core, ModelCore) else None
 
+    @property
+    def toolbox(self) -> Toolbox:
+        """The server-side tools, sessions and files these models share."""
+        return self._models.toolbox
+
+    def _close_toolbox(self) -> None:
+        if self._models.owns_toolbox:
+            self._models.toolbox.close()
+
+
+def _with_session(request: ChatInput, core: ModelCore, session_id: str | None) -> Any:
+    req = core.chat_request(request)
+    return req if session_id is None else req.model_copy(update={"session_id": session_id})
+
 
 class Model(_Routing):
     """Loaded models, called from blocking code. Build one with `TextModelBuilder`,
@@ -323,29 +348,51 @@ class Model(_Routing):
 
     # ---- text
 
-    def chat(self, text: str, *, model_id: str | None = None) -> str:
+    def chat(self, text: str, *, model_id: str | None = None, session_id: str | None = None) -> str:
         """Send one user message, greedily decoded, and return the reply's text."""
-        reply = self.send_chat_request(text, model_id=model_id)
+        reply = self.send_chat_request(text, model_id=model_id, session_id=session_id)
         return reply.choices[0].message.content or ""
 
     def send_chat_request(
-        self, request: ChatInput, *, model_id: str | None = None
+        self, request: ChatInput, *, model_id: str | None = None, session_id: str | None = None
     ) -> ChatCompletionResponse:
-        """Run a chat request to completion; returns an OpenAI-shaped response with usage."""
+        """Run a chat request to completion; returns an OpenAI-shaped response with usage.
+
+        With `session_id` (or the request's own field) the request's messages continue that
+        stored conversation, and the reply is stored in it. With server-side tools (tool
+        callbacks, MCP), the model's calls to them run here, for up to `max_tool_rounds`
+        rounds, and the response is the final answer, with `agent_events` listing the calls.
+        """
         core = self._models.text(model_id)
-        req, prompt, params = core.prepare_chat(request)
-        acc = core.chat_accumulator(req, prompt, params)
-        for event in _events(core, prompt, params):
-            acc.add(event)
-        return acc.chat_response(new_id("chatcmpl"), now(), core.model_id, req.logprobs)
+        req = _with_session(request, core, session_id)
+        toolbox = self._models.toolbox
+        if not toolbox.engaged(req):
+            return _chat_once(core, req)
+        with toolbox.holding(req.session_id):
+            run = AgentRun(req, toolbox)
+            while True:
+                response = _chat_once(core, run.request())
+                calls = run.take(response)
+                if calls:
+                    run.record(calls, toolbox.run_calls(calls).result())
+                if run.done:
+                    return run.finish(response)
 
     def stream_chat_request(
-        self, request: ChatInput, *, model_id: str | None = None
+        self, request: ChatInput, *, model_id: str | None = None, session_id: str | None = None
     ) -> Iterator[ChatCompletionChunk]:
-        """Yield OpenAI-shaped chunks as tokens are generated; closing the iterator cancels."""
+        """Yield OpenAI-shaped chunks as tokens are generated; closing the iterator cancels.
+
+        Sessions and server-side tools work as in `send_chat_request`; each tool call's
+        progress comes as a chunk with no choices and an `agent_event`."""
         core = self._models.text(model_id)
-        req, prompt, params = core.prepare_chat(request)
-        return _stream_chat(core, req, prompt, params)
+        req = _with_session(request, core, session_id)
+        toolbox = self._models.toolbox
+        if not toolbox.engaged(req):
+            req, prompt, params = core.prepare_chat(req)
+            return _stream_chat(core, req, prompt, params)
+        run = AgentRun(req, toolbox)
+        return _stream_agent(core, req, toolbox, run)
 
     @overload
     def generate_structured(
@@ -414,6 +461,37 @@ class Model(_Routing):
         """
         return self._models.text(model_id).logits_for(ids).result()
 
+    # ---- sessions, tools and their files (mistral.rs's names)
+
+    def list_session_ids(self) -> list[str]:
+        """Stored sessions, most recently used first."""
+        return self.toolbox.sessions.ids()
+
+    def export_session(self, session_id: str) -> str:
+        """The session as JSON text (its messages, and its files' bodies) that
+        `import_session` takes back, in this process or another."""
+        return json.dumps(self.toolbox.sessions.export(session_id))
+
+    def import_session(self, data: str | bytes | dict[str, Any]) -> str:
+        """Store an exported session under its id (replacing one with that id); returns it."""
+        return self.toolbox.sessions.import_(data)
+
+    def delete_session(self, session_id: str) -> None:
+        self.toolbox.sessions.delete(session_id)
+
+    def fork_session(self, source: str, dest: str, num_turns: int | None = None) -> None:
+        """Copy `source` into a new session `dest`: its first `num_turns` turns (a turn is a
+        user message and what answered it), or all of it."""
+        self.toolbox.sessions.fork(source, dest, num_turns)
+
+    def list_mcp_tools(self) -> list[tuple[str, str]]:
+        """(name, description) of every tool of the connected MCP servers."""
+        return self.toolbox.list_mcp_tools()
+
+    def find_file(self, file_id: str) -> StoredFile:
+        """A file a server-side tool produced (`file-...`), its whole body included."""
+        return self.toolbox.find_file(file_id)
+
     # ---- embeddings
 
     def generate_embeddings(
@@ -473,6 +551,7 @@ class Model(_Routing):
     def close(self) -> None:
         for core in self._models.cores():
             core.engine.close()
+        self._close_toolbox()
 
     def __enter__(self) -> Model:
         return self
@@ -520,6 +599,42 @@ def _events(
     sink = _ThreadSink()
     handle = core.engine.submit(prompt, params, sink, continues_prompt=continues_prompt)
     yield from _drain(handle, params.n, sink.queue.get)
+
+
+def _chat_once(core: ModelCore, request: ChatCompletionRequest) -> ChatCompletionResponse:
+    req, prompt, params = core.prepare_chat(request)
+    acc = core.chat_accumulator(req, prompt, params)
+    for event in _events(core, prompt, params):
+        acc.add(event)
+    return acc.chat_response(new_id("chatcmpl"), now(), core.model_id, req.logprobs)
+
+
+def _stream_agent(
+    core: ModelCore, req: ChatCompletionRequest, toolbox: Toolbox, run: AgentRun
+) -> Iterator[ChatCompletionChunk]:
+    rid, created, model = new_id("chatcmpl"), now(), core.model_id
+    with toolbox.holding(req.session_id):
+        while True:
+            round_req, prompt, params = core.prepare_chat(run.request())
+            if run.round == 0:
+                yield from core.first_chunks(rid, created, 1)
+            acc = core.chat_accumulator(round_req, prompt, params)
+            for event in _events(core, prompt, params):
+                logprob = acc.add(event)
+                for chunk in acc.chat_chunks(rid, created, model, event, logprob):
+                    if (passed := run.passes(chunk)) is not None:
+                        yield passed
+            response = acc.chat_response(rid, created, model, round_req.logprobs)
+            calls = run.take(response)
+            if calls:
+                yield from run.event_chunks(run.started_events(), rid, created, model)
+                made = run.record(calls, toolbox.run_calls(calls).result())
+                yield from run.event_chunks(made, rid, created, model)
+            if run.done:
+                break
+        yield from run.final_chunks(response, rid, created, model)
+    if req.stream_options and req.stream_options.include_usage:
+        yield ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=run.usage)
 
 
 def _stream_chat(
@@ -589,25 +704,41 @@ class AsyncModel(_Routing):
 
     # ---- text
 
-    async def chat(self, text: str, *, model_id: str | None = None) -> str:
-        reply = await self.send_chat_request(text, model_id=model_id)
+    async def chat(
+        self, text: str, *, model_id: str | None = None, session_id: str | None = None
+    ) -> str:
+        reply = await self.send_chat_request(text, model_id=model_id, session_id=session_id)
         return reply.choices[0].message.content or ""
 
     async def send_chat_request(
-        self, request: ChatInput, *, model_id: str | None = None
+        self, request: ChatInput, *, model_id: str | None = None, session_id: str | None = None
     ) -> ChatCompletionResponse:
         core = self._models.text(model_id)
-        req, prompt, params = core.prepare_chat(request)
-        acc = core.chat_accumulator(req, prompt, params)
-        async for event in _async_events(core, prompt, params):
-            acc.add(event)
-        return acc.chat_response(new_id("chatcmpl"), now(), core.model_id, req.logprobs)
+        req = _with_session(request, core, session_id)
+        toolbox = self._models.toolbox
+        if not toolbox.engaged(req):
+            return await _async_chat_once(core, req)
+        async with toolbox.holding_async(req.session_id):
+            run = AgentRun(req, toolbox)
+            while True:
+                response = await _async_chat_once(core, run.request())
+                calls = run.take(response)
+                if calls:
+                    run.record(calls, await asyncio.wrap_future(toolbox.run_calls(calls)))
+                if run.done:
+                    return run.finish(response)
 
     async def stream_chat_request(
-        self, request: ChatInput, *, model_id: str | None = None
+        self, request: ChatInput, *, model_id: str | None = None, session_id: str | None = None
     ) -> AsyncGenerator[ChatCompletionChunk, None]:
         core, rid, created = self._models.text(model_id), new_id("chatcmpl"), now()
-        req, prompt, params = core.prepare_chat(request)
+        req = _with_session(request, core, session_id)
+        toolbox = self._models.toolbox
+        if toolbox.engaged(req):
+            async for chunk in _async_stream_agent(core, req, toolbox, AgentRun(req, toolbox)):
+                yield chunk
+            return
+        req, prompt, params = core.prepare_chat(req)
         acc = core.chat_accumulator(req, prompt, params)
         for chunk in core.first_chunks(rid, created, params.n):
             yield chunk
@@ -677,6 +808,29 @@ class AsyncModel(_Routing):
     async def logits_for(self, ids: list[int], *, model_id: str | None = None) -> torch.Tensor:
         return await asyncio.wrap_future(self._models.text(model_id).logits_for(ids))
 
+    # ---- sessions, tools and their files: `Model`'s methods, awaited
+
+    async def list_session_ids(self) -> list[str]:
+        return self.toolbox.sessions.ids()
+
+    async def export_session(self, session_id: str) -> str:
+        return json.dumps(self.toolbox.sessions.export(session_id))
+
+    async def import_session(self, data: str | bytes | dict[str, Any]) -> str:
+        return self.toolbox.sessions.import_(data)
+
+    async def delete_session(self, session_id: str) -> None:
+        self.toolbox.sessions.delete(session_id)
+
+    async def fork_session(self, source: str, dest: str, num_turns: int | None = None) -> None:
+        self.toolbox.sessions.fork(source, dest, num_turns)
+
+    async def list_mcp_tools(self) -> list[tuple[str, str]]:
+        return self.toolbox.list_mcp_tools()
+
+    async def find_file(self, file_id: str) -> StoredFile:
+        return self.toolbox.find_file(file_id)
+
     # ---- embeddings
 
     async def generate_embeddings(
@@ -735,6 +889,7 @@ class AsyncModel(_Routing):
     async def aclose(self) -> None:
         for core in self._models.cores():
             await asyncio.to_thread(core.engine.close)
+        await asyncio.to_thread(self._close_toolbox)
 
     async def __aenter__(self) -> AsyncModel:
         return self
@@ -784,3 +939,46 @@ async def _async_events(
     finally:
         if finished < params.n:
             handle.abort()
+
+
+async def _async_chat_once(
+    core: ModelCore, request: ChatCompletionRequest
+) -> ChatCompletionResponse:
+    req, prompt, params = core.prepare_chat(request)
+    acc = core.chat_accumulator(req, prompt, params)
+    async for event in _async_events(core, prompt, params):
+        acc.add(event)
+    return acc.chat_response(new_id("chatcmpl"), now(), core.model_id, req.logprobs)
+
+
+async def _async_stream_agent(
+    core: ModelCore, req: ChatCompletionRequest, toolbox: Toolbox, run: AgentRun
+) -> AsyncGenerator[ChatCompletionChunk, None]:
+    """`_stream_agent`, awaiting the engine and the tools."""
+    rid, created, model = new_id("chatcmpl"), now(), core.model_id
+    async with toolbox.holding_async(req.session_id):
+        while True:
+            round_req, prompt, params = core.prepare_chat(run.request())
+            if run.round == 0:
+                for chunk in core.first_chunks(rid, created, 1):
+                    yield chunk
+            acc = core.chat_accumulator(round_req, prompt, params)
+            async for event in _async_events(core, prompt, params):
+                logprob = acc.add(event)
+                for chunk in acc.chat_chunks(rid, created, model, event, logprob):
+                    if (passed := run.passes(chunk)) is not None:
+                        yield passed
+            response = acc.chat_response(rid, created, model, round_req.logprobs)
+            calls = run.take(response)
+            if calls:
+                for chunk in run.event_chunks(run.started_events(), rid, created, model):
+                    yield chunk
+                made = run.record(calls, await asyncio.wrap_future(toolbox.run_calls(calls)))
+                for chunk in run.event_chunks(made, rid, created, model):
+                    yield chunk
+            if run.done:
+                break
+        for chunk in run.final_chunks(response, rid, created, model):
+            yield chunk
+    if req.stream_options and req.stream_options.include_usage:
+        yield ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=run.usage)

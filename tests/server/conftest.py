@@ -15,7 +15,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -96,21 +96,31 @@ def test_catalog(ladle_home: Path, smollm2_path: Path, smollm2_sha256: str) -> P
     return path
 
 
-@pytest.fixture(scope="module")
-def serve(ladle_home: Path, test_catalog: Path) -> Iterator[Callable[..., ServerSettings]]:
+class Services:
     """`serve(**settings)` starts a service on a free port (cache and catalog in the module's
-    home) and returns its settings; every service started is stopped after the module."""
-    running: list[_ServerThread] = []
+    home) and returns its settings; `serve.stop(settings)` stops it (a restart is a stop and
+    a new start); the rest are stopped after the module."""
 
-    def start(**overrides: Any) -> ServerSettings:
+    def __init__(self, home: Path, catalog: Path) -> None:
+        self.home, self.catalog = home, catalog
+        self.running: dict[int, _ServerThread] = {}
+
+    def __call__(self, **overrides: Any) -> ServerSettings:
         settings = ServerSettings(
-            cache_dir=ladle_home / "models", catalog_paths=(test_catalog,), **overrides
+            cache_dir=self.home / "models", catalog_paths=(self.catalog,), **overrides
         )
         server = _ServerThread(settings)
         server.start()
-        running.append(server)
+        self.running[server.settings.port] = server
         return server.settings
 
-    yield start
-    for server in running:
+    def stop(self, settings: ServerSettings) -> None:
+        self.running.pop(settings.port).stop()
+
+
+@pytest.fixture(scope="module")
+def serve(ladle_home: Path, test_catalog: Path) -> Iterator[Services]:
+    services = Services(ladle_home, test_catalog)
+    yield services
+    for server in services.running.values():
         server.stop()

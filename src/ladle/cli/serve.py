@@ -51,6 +51,39 @@ def add_serve(sub: Any) -> None:
         help="what each model's KV cache stores keys and values in (default: f16, half of f32)",
     )
     serve.add_argument("--threads", type=int, default=None, help="CPU threads per model")
+    serve.add_argument(
+        "--mcp-config",
+        type=Path,
+        default=None,
+        help='MCP servers whose tools every model may call: a {"mcpServers": {...}} JSON file',
+    )
+    serve.add_argument(
+        "--sessions-db",
+        type=Path,
+        default=None,
+        help="SQLite file that sessions persist in (default: $LADLE_HOME/sessions.db)",
+    )
+    serve.add_argument(
+        "--max-sessions", type=int, default=1000, help="sessions kept (least recent go first)"
+    )
+    serve.add_argument(
+        "--session-ttl",
+        type=float,
+        default=30 * 86400.0,
+        help="seconds a session may stay idle before it is dropped (default: 30 days)",
+    )
+    serve.add_argument(
+        "--session-max-mb",
+        type=int,
+        default=1024,
+        help="MB that all sessions and their files may take (least recent go first)",
+    )
+    serve.add_argument(
+        "--max-tool-rounds",
+        type=int,
+        default=8,
+        help="rounds of server-side tool calls per request, by default",
+    )
     cache_dir_option(serve)
     serve.set_defaults(func=_serve)
 
@@ -71,6 +104,12 @@ def _serve(args: argparse.Namespace) -> int:
         kv_cache_tokens=args.kv_cache_tokens,
         kv_cache_dtype=args.kv_cache_dtype,
         num_threads=args.threads,
+        mcp_config=args.mcp_config,
+        sessions_db=args.sessions_db or envconfig.home() / "sessions.db",
+        max_sessions=args.max_sessions,
+        session_ttl=args.session_ttl,
+        session_max_mb=args.session_max_mb,
+        max_tool_rounds=args.max_tool_rounds,
     )
     with service.registration(cache_dir, api_key) as on_ready:
 

@@ -329,6 +329,7 @@ class ModelCore:
     ) -> tuple[ChatCompletionRequest, list[int], SamplingParams]:
         """The validated request, its prompt as it will run, and its sampling parameters."""
         req = self.chat_request(request)
+        req.check_tool_choice()
         params = self.sampling(req, req.logprobs, req.top_logprobs or 0)
         return req, self.engine.fit_prompt(self.chat_prompt(req), params), params
 

@@ -234,12 +234,22 @@ class ChatCompletionRequest(SamplingFields):
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
+    session_id: str | None = None  # ladle: continue (or start) this stored conversation
+    max_tool_rounds: int | None = Field(default=None, ge=0)  # ladle: server-side tool rounds
+
     @model_validator(mode="after")
-    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
+    def _unique_tool_names(self) -> ChatCompletionRequest:
         # InvalidRequestError passes through pydantic unwrapped, keeping `param`
         names = [t.function.name for t in self.tools or []]
         if len(set(names)) != len(names):
             raise InvalidRequestError("tool names must be unique", param="tools")
+        return self
+
+    def check_tool_choice(self) -> None:
+        """A named `tool_choice` must name an offered tool, and `required` needs one. Checked
+        when the request is prepared, not parsed: server-side tools (callbacks, MCP) join
+        `tools` only then."""
+        names = [t.function.name for t in self.tools or []]
         choice = self.tool_choice
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
             known = ", ".join(names) or "none: tools is empty"
@@ -251,7 +261,6 @@ class ChatCompletionRequest(SamplingFields):
             raise InvalidRequestError(
                 "tool_choice 'required' needs at least one tool in tools", param="tool_choice"
             )
-        return self
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -409,6 +418,29 @@ class ChatChoice(Wire):
     logprobs: ChoiceLogprobs | None = None
 
 
+class FileRef(Wire):
+    """A file a server-side tool produced: fetch it at `/v1/files/{id}/content`."""
+
+    id: str
+    filename: str
+    media_type: str
+    bytes: int
+
+
+class AgentEvent(Wire):
+    """ladle's progress report on one server-side tool call (or a file it made), carried by
+    stream chunks with no choices and listed on the final response; OpenAI clients ignore
+    it. `output` is what the model was shown of the result."""
+
+    type: Literal["tool_call.started", "tool_call.finished", "tool_call.failed", "file.created"]
+    round: int
+    call_id: str
+    name: str
+    arguments: str | None = None
+    output: str | None = None
+    file: FileRef | None = None
+
+
 class ChatCompletionResponse(Wire):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -417,6 +449,8 @@ class ChatCompletionResponse(Wire):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    session_id: str | None = None  # ladle: the session this turn was stored in
+    agent_events: list[AgentEvent] | None = None  # ladle: the server-side tool calls it ran
 
 
 class FunctionCallDelta(Wire):
@@ -455,6 +489,7 @@ class ChatCompletionChunk(Wire):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    agent_event: AgentEvent | None = None  # ladle: a server-side tool call's progress
 
 
 class CompletionLogprobs(Wire):

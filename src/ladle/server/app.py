@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ladle.engine.kv_cache import parse_kv_cache_dtype
 from ladle.errors import InvalidRequestError, LadleError, ServiceError
+from ladle.server.agent_routes import AgentRoutes
 from ladle.server.errors import handle_exception, unauthorized
 from ladle.server.foundry_routes import FoundryRoutes
 from ladle.server.lifecycle import CatalogResolver, ModelPool
@@ -37,10 +38,14 @@ from ladle.server.openai_routes import OpenAIRoutes
 from ladle.server.quant_routes import QuantRoutes
 from ladle.store.cache import ModelCache
 from ladle.store.catalog import Catalog
+from ladle.tools.mcp import load_mcp_config
+from ladle.tools.runtime import DEFAULT_MAX_TOOL_ROUNDS, Toolbox
+from ladle.tools.sessions import SessionLimits
 
 logger = logging.getLogger(__name__)
 
-OPEN_PATHS = ("/health",)  # answered without the API key
+OPEN_PATHS = ("/health",)
+MB = 1 << 20  # answered without the API key
 _LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
@@ -62,6 +67,11 @@ class ServerSettings:
         kv_cache_tokens: each text model's KV cache budget in tokens (None: one full context).
         kv_cache_dtype: what each text model's KV cache stores: "f16" (default) or "f32".
         num_threads: CPU threads per model (None: the cores this process may use).
+        mcp_config: an `{"mcpServers": {...}}` JSON file; its servers' tools serve every model.
+        sessions_db: the SQLite file sessions and tool files persist in (None: memory only).
+        max_sessions, session_ttl, session_max_mb: what the session store keeps (see
+            `SessionLimits`; a session idle past `session_ttl` seconds is dropped).
+        max_tool_rounds: rounds of server-side tool calls per request, by default.
     """
 
     host: str = "127.0.0.1"
@@ -76,6 +86,12 @@ class ServerSettings:
     kv_cache_tokens: int | None = None
     kv_cache_dtype: str = "f16"
     num_threads: int | None = None
+    mcp_config: Path | None = None
+    sessions_db: Path | None = None
+    max_sessions: int = 1000
+    session_ttl: float | None = 30 * 86400.0
+    session_max_mb: int = 1024
+    max_tool_rounds: int = DEFAULT_MAX_TOOL_ROUNDS
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -104,8 +120,26 @@ class ServerSettings:
             raise InvalidRequestError(str(e), "kv_cache_dtype") from e
         if self.num_threads is not None and self.num_threads < 1:
             raise InvalidRequestError(f"must be at least 1, got {self.num_threads}", "num_threads")
+        if self.max_tool_rounds < 0:
+            raise InvalidRequestError(
+                f"must be at least 0, got {self.max_tool_rounds}", "max_tool_rounds"
+            )
+        self.session_limits()  # checks them
         if self.api_key == "":
             raise InvalidRequestError("must not be empty (leave it unset for no key)", "api_key")
+
+    def session_limits(self) -> SessionLimits:
+        return SessionLimits(self.max_sessions, self.session_ttl, self.session_max_mb * MB)
+
+    def toolbox(self) -> Toolbox:
+        """The service's tools, sessions and files (its MCP servers connect on `start`)."""
+        mcp = load_mcp_config(self.mcp_config) if self.mcp_config is not None else None
+        return Toolbox(
+            mcp=mcp,
+            db_path=self.sessions_db,
+            session_limits=self.session_limits(),
+            max_tool_rounds=self.max_tool_rounds,
+        )
 
     @property
     def url(self) -> str:
@@ -122,6 +156,7 @@ def create_app(settings: ServerSettings) -> Starlette:
         return Catalog.load(extra_paths=settings.catalog_paths)
 
     catalog()  # a broken catalog file fails now, not at the first request
+    toolbox = settings.toolbox()  # as a broken MCP config or session store
     metrics = Metrics()
     pool = ModelPool(
         CatalogResolver(catalog, cache),
@@ -133,6 +168,7 @@ def create_app(settings: ServerSettings) -> Starlette:
         kv_cache_tokens=settings.kv_cache_tokens,
         kv_cache_dtype=settings.kv_cache_dtype,
         num_threads=settings.num_threads,
+        toolbox=toolbox,
     )
 
     async def health(request: Request) -> Response:
@@ -145,12 +181,14 @@ def create_app(settings: ServerSettings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await asyncio.to_thread(toolbox.start)  # connects the MCP servers
         pool.start()
         logger.info("serving on %s (models from %s)", settings.url, cache.root)
         try:
             yield
         finally:
             await pool.aclose()
+            await asyncio.to_thread(toolbox.close)
 
     middleware = [Middleware(RequestMetrics, metrics=metrics)]
     if settings.api_key is not None:
@@ -162,6 +200,7 @@ def create_app(settings: ServerSettings) -> Starlette:
             *OpenAIRoutes(pool, metrics, catalog, cache).routes(),
             *FoundryRoutes(settings.url, catalog, cache, pool).routes(),
             *QuantRoutes(pool).routes(),
+            *AgentRoutes(toolbox).routes(),
         ],
         middleware=middleware,
         exception_handlers={

@@ -22,6 +22,7 @@ from ladle.errors import (
     LadleError,
     ModelLoadError,
     ModelNotFoundError,
+    NotFoundError,
 )
 from ladle.protocol.openai import ErrorDetail, ErrorResponse
 
@@ -41,6 +42,7 @@ _TABLE: list[tuple[type[Exception], int, str, str | None]] = [
     (ContextLengthError, 400, "invalid_request_error", "context_length_exceeded"),
     (InvalidRequestError, 400, "invalid_request_error", None),
     (ModelNotFoundError, 404, "invalid_request_error", "model_not_found"),
+    (NotFoundError, 404, "invalid_request_error", "not_found"),
     (ModelBusyError, 409, "invalid_request_error", "model_busy"),
     (CapacityError, 503, "server_error", "model_capacity"),
     (EngineClosedError, 503, "server_error", "model_unloaded"),

@@ -33,6 +33,7 @@ from ladle.server.errors import CapacityError, ModelBusyError
 from ladle.server.metrics import LoadedModelStats, Metrics
 from ladle.store.cache import ModelCache
 from ladle.store.catalog import Catalog
+from ladle.tools.runtime import Toolbox
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class ModelPool:
         max_num_seqs, kv_cache_tokens, kv_cache_dtype: each text model's engine settings (see
             the builders; None: the builders' default).
         num_threads: CPU threads per model (None: the builders' default).
+        toolbox: server-side tools, sessions and files, shared by every model loaded.
     """
 
     def __init__(
@@ -136,6 +138,7 @@ class ModelPool:
         kv_cache_tokens: int | None = None,
         kv_cache_dtype: str | None = None,
         num_threads: int | None = None,
+        toolbox: Toolbox | None = None,
     ) -> None:
         self._resolve = resolve
         self._metrics = metrics
@@ -146,6 +149,7 @@ class ModelPool:
         self._kv_cache_tokens = kv_cache_tokens
         self._kv_cache_dtype = kv_cache_dtype
         self._num_threads = num_threads
+        self._toolbox = toolbox
         self._loaded: dict[str, Resident] = {}
         self._loading: dict[str, asyncio.Task[Resident]] = {}
         self._reserved: dict[str, int] = {}  # bytes of loads in progress
@@ -259,6 +263,8 @@ class ModelPool:
                     builder = builder.with_kv_cache_dtype(self._kv_cache_dtype)
             if self._num_threads is not None:
                 builder = builder.with_num_threads(self._num_threads)
+            if self._toolbox is not None:
+                builder = builder.with_toolbox(self._toolbox)
             model = await builder.with_model_id(source.model_id).build_async()
             seconds = time.perf_counter() - started
             logger.info("loaded %s in %.1fs", source.model_id, seconds)
