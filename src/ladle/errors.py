@@ -5,7 +5,8 @@
     │   ├── UnsupportedArchitectureError   the weights are a family ladle does not run
     │   └── UnsupportedTensorTypeError     a tensor is stored in a type ladle cannot decode
     ├── InvalidRequestError         a request field is out of range or malformed (names the field)
-    │   └── ContextLengthError          the prompt does not fit in the model's context
+    │   ├── ContextLengthError          the prompt does not fit in the model's context
+    │   └── ConflictError               valid, but not in the model's present state (calibration)
     ├── ModelNotFoundError          no catalog entry, cached model or file has that name
     ├── NotFoundError               no session or tool file has that id (names it)
     ├── StructuredOutputError       a constrained reply was cut short (max_tokens) or does not parse
@@ -57,6 +58,12 @@ class InvalidRequestError(LadleError):
 
 class ContextLengthError(InvalidRequestError):
     """The prompt (plus the tokens asked for) does not fit in the model's context window."""
+
+
+class ConflictError(InvalidRequestError):
+    """A well-formed request that the model's present state refuses: applying a calibration
+    that was never started, starting a second re-quantization. Retry after the state changes
+    (HTTP 409)."""
 
 
 class ModelNotFoundError(LadleError):

@@ -26,16 +26,16 @@ def client(serve: Callable[..., ServerSettings]) -> httpx.Client:
     return httpx.Client(base_url=serve().url, timeout=300)
 
 
-def error(response: httpx.Response) -> dict[str, str]:
-    assert response.status_code == 400, response.text
+def error(response: httpx.Response, status: int = 400) -> dict[str, str]:
+    assert response.status_code == status, response.text
     return response.json()["error"]  # type: ignore[no-any-return]
 
 
-def test_re_isq_and_calibration_over_http(client: httpx.Client, tmp_path: Path) -> None:
+def test_re_isq_and_calibration_over_http(client: httpx.Client, ladle_home: Path) -> None:
     assert client.post("/v1/chat/completions", json=CHAT).status_code == 200  # loads the model
-    e = error(client.post("/calibration/start", json={"model": MODEL}))
+    e = error(client.post("/calibration/start", json={"model": MODEL}), 409)  # valid, too early
     assert "calibration needs a model quantized in place" in e["message"]
-    e = error(client.get("/calibration/status", params={"model": MODEL}))
+    e = error(client.get("/calibration/status", params={"model": MODEL}), 409)
     assert "no calibration running" in e["message"]
     e = error(client.post("/re_isq", json={"ggml_type": "Q9"}))  # the one loaded model
     assert e["param"] == "ggml_type" and "unknown ISQ type 'Q9'" in e["message"]
@@ -48,10 +48,14 @@ def test_re_isq_and_calibration_over_http(client: httpx.Client, tmp_path: Path) 
     assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
     status = client.get("/calibration/status").json()
     assert status["model"] == MODEL and status["min_rows"] > 0 and len(status["layers"]) == 120
-    saved = tmp_path / "served.cimatrix"
-    response = client.post("/calibration/apply", json={"save_cimatrix": str(saved)})
+    for outside in ("../escape.cimatrix", "/tmp/escape.cimatrix", ".hidden"):
+        e = error(client.post("/calibration/apply", json={"save_cimatrix": outside}))
+        assert e["param"] == "save_cimatrix"  # a name, not a path: nothing written outside
+    assert client.get("/calibration/status").status_code == 200  # still calibrating
+    saved = ladle_home / "calibration" / "served.cimatrix"
+    response = client.post("/calibration/apply", json={"save_cimatrix": "served.cimatrix"})
     assert response.json() == {"model": MODEL, "ggml_type": "Q8_0", "saved": str(saved)}
     assert saved.is_file()
-    e = error(client.post("/calibration/apply"))
+    e = error(client.post("/calibration/apply"), 409)
     assert "no calibration running" in e["message"]
     assert client.post("/v1/chat/completions", json=CHAT).status_code == 200

@@ -14,7 +14,7 @@ import json
 import struct
 import time
 import uuid
-from typing import Any, Literal, TypeVar, cast
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 from pydantic import (
     BaseModel,
@@ -26,6 +26,9 @@ from pydantic import (
 )
 
 from ladle.errors import InvalidRequestError
+
+# a session's id: what `session_id` and the session routes accept
+SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -138,6 +141,9 @@ class ResponseFormat(Wire):
         return self
 
 
+Stops = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)]  # OpenAI's rule
+
+
 class SamplingFields(Wire):
     """Fields that chat and text completion requests share."""
 
@@ -148,7 +154,7 @@ class SamplingFields(Wire):
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=128)
-    stop: str | list[str] | None = None
+    stop: str | Stops | None = None
     seed: int | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -159,13 +165,6 @@ class SamplingFields(Wire):
     truncate_sequence: bool = False
     user: str | None = None
     grammar: Constraint | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _at_most_four_stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and (len(v) > 4 or any(not s for s in v)):
-            raise ValueError("stop takes up to 4 non-empty strings")
-        return v
 
     @field_validator("logit_bias")
     @classmethod
@@ -234,7 +233,8 @@ class ChatCompletionRequest(SamplingFields):
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
-    session_id: str | None = None  # ladle: continue (or start) this stored conversation
+    # ladle: continue (or start) this stored conversation; the store checks the id itself
+    session_id: str | None = Field(default=None, json_schema_extra={"pattern": SESSION_ID_PATTERN})
     max_tool_rounds: int | None = Field(default=None, ge=0)  # ladle: server-side tool rounds
 
     @model_validator(mode="after")
@@ -282,7 +282,11 @@ class CompletionRequest(SamplingFields):
         return self.max_tokens
 
 
-EmbeddingInput = str | list[int] | list[str | list[int]]
+EmbeddingInput = (
+    str
+    | Annotated[list[int], Field(min_length=1)]
+    | Annotated[list[str | Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
+)
 
 
 class EmbeddingRequest(Wire):

@@ -16,16 +16,30 @@ SQLite transaction, made on the event loop.
 
 from __future__ import annotations
 
-import json
-from typing import Any
 from urllib.parse import quote
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
-from ladle.errors import InvalidRequestError
+from ladle.protocol.agents import (
+    FileObject,
+    ForkRequest,
+    McpTool,
+    McpToolList,
+    SessionDeleted,
+    SessionExport,
+    SessionImport,
+    SessionList,
+    SessionSummary,
+)
+from ladle.protocol.openai import SESSION_ID_PATTERN, Wire, parse_body
+from ladle.server.openapi import Operation, documented
 from ladle.tools.runtime import Toolbox
+from ladle.tools.sessions import Session
+
+TAG = "Agents"
+SESSION = {"id": {"type": "string", "pattern": SESSION_ID_PATTERN}}  # the path's id
 
 
 class AgentRoutes:
@@ -44,53 +58,79 @@ class AgentRoutes:
             Route("/v1/mcp/tools", self.mcp_tools, methods=["GET"]),
         ]
 
+    @documented(Operation("Stored sessions, most recently used first", TAG, returns=SessionList))
     async def list_sessions(self, request: Request) -> Response:
         sessions = self.toolbox.sessions
-        data = [
-            _summary(s.id, s.created_at, s.updated_at, len(s.messages))
-            for s in (sessions.get(i) for i in sessions.ids())
-            if s is not None
-        ]
-        return JSONResponse({"object": "list", "data": data})
+        found = (sessions.get(i) for i in sessions.ids())
+        return _json(SessionList(data=[_summary(s) for s in found if s is not None]))
 
+    @documented(
+        Operation("A session, exported", TAG, returns=SessionExport, path=SESSION, errors=(404,))
+    )
     async def get_session(self, request: Request) -> Response:
-        return JSONResponse(self.toolbox.sessions.export(request.path_params["id"]))
+        exported = self.toolbox.sessions.export(request.path_params["id"])
+        return _json(SessionExport.model_validate(exported))
 
+    @documented(
+        Operation(
+            "Import a session under this id",
+            TAG,
+            body=SessionImport,
+            returns=SessionSummary,
+            path=SESSION,
+        )
+    )
     async def put_session(self, request: Request) -> Response:
-        body = await _json_body(request)
-        sid = self.toolbox.sessions.import_(body, session_id=request.path_params["id"])
+        body = parse_body(SessionImport, await request.body())
+        data = body.model_dump(exclude_none=True)
+        sid = self.toolbox.sessions.import_(data, session_id=request.path_params["id"])
         return self._summary_of(sid)
 
+    @documented(
+        Operation("Delete a session", TAG, returns=SessionDeleted, path=SESSION, errors=(404,))
+    )
     async def delete_session(self, request: Request) -> Response:
         sid = request.path_params["id"]
         self.toolbox.sessions.delete(sid)
-        return JSONResponse({"id": sid, "object": "session.deleted", "deleted": True})
+        return _json(SessionDeleted(id=sid, deleted=True))
 
+    @documented(
+        Operation(
+            "Copy a session's first turns into a new one",
+            TAG,
+            body=ForkRequest,
+            returns=SessionSummary,
+            path=SESSION,
+            errors=(400, 404),
+        )
+    )
     async def fork_session(self, request: Request) -> Response:
-        body = await _json_body(request)
-        dest, num_turns = body.get("dest"), body.get("num_turns")
-        if not isinstance(dest, str):
-            raise InvalidRequestError("the new session's id is required (a string)", "dest")
-        if num_turns is not None and (not isinstance(num_turns, int) or num_turns < 0):
-            raise InvalidRequestError("must be a non-negative integer or null", "num_turns")
-        self.toolbox.sessions.fork(request.path_params["id"], dest, num_turns)
-        return self._summary_of(dest)
+        body = parse_body(ForkRequest, await request.body())
+        self.toolbox.sessions.fork(request.path_params["id"], body.dest, body.num_turns)
+        return self._summary_of(body.dest)
 
+    @documented(Operation("A file a tool made", TAG, returns=FileObject, errors=(404,)))
     async def get_file(self, request: Request) -> Response:
         f = self.toolbox.find_file(request.path_params["id"])
-        return JSONResponse(
-            {
-                "id": f.id,
-                "object": "file",
-                "bytes": f.size,
-                "created_at": f.created_at,
-                "filename": f.name,
-                "purpose": "assistants_output",
-                "media_type": f.media_type,
-                "session_id": f.session_id,
-            }
+        return _json(
+            FileObject(
+                id=f.id,
+                bytes=f.size,
+                created_at=f.created_at,
+                filename=f.name,
+                media_type=f.media_type,
+                session_id=f.session_id,
+            )
         )
 
+    @documented(
+        Operation(
+            "A tool file's body, in its media type",
+            TAG,
+            media_type="application/octet-stream",
+            errors=(404,),
+        )
+    )
     async def get_file_content(self, request: Request) -> Response:
         f = self.toolbox.find_file(request.path_params["id"])
         disposition = f"attachment; filename*=UTF-8''{quote(f.name, safe='')}"
@@ -98,32 +138,25 @@ class AgentRoutes:
             f.data, media_type=f.media_type, headers={"Content-Disposition": disposition}
         )
 
+    @documented(
+        Operation("The MCP servers' tools, and the servers that failed", TAG, returns=McpToolList)
+    )
     async def mcp_tools(self, request: Request) -> Response:
-        tools = [{"name": n, "description": d} for n, d in self.toolbox.list_mcp_tools()]
-        return JSONResponse(
-            {"object": "list", "data": tools, "failed_servers": self.toolbox.mcp_failures()}
-        )
+        tools = [McpTool(name=n, description=d) for n, d in self.toolbox.list_mcp_tools()]
+        return _json(McpToolList(data=tools, failed_servers=self.toolbox.mcp_failures()))
 
     def _summary_of(self, sid: str) -> Response:
-        s = self.toolbox.sessions.require(sid)
-        return JSONResponse(_summary(s.id, s.created_at, s.updated_at, len(s.messages)))
+        return _json(_summary(self.toolbox.sessions.require(sid)))
 
 
-def _summary(sid: str, created: float, updated: float, messages: int) -> dict[str, Any]:
-    return {
-        "id": sid,
-        "object": "session",
-        "created_at": int(created),
-        "updated_at": int(updated),
-        "messages": messages,
-    }
+def _summary(session: Session) -> SessionSummary:
+    return SessionSummary(
+        id=session.id,
+        created_at=int(session.created_at),
+        updated_at=int(session.updated_at),
+        messages=len(session.messages),
+    )
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.body())
-    except ValueError as e:
-        raise InvalidRequestError(f"the body is not JSON: {e}") from e
-    if not isinstance(body, dict):
-        raise InvalidRequestError("the body must be a JSON object")
-    return body
+def _json(body: Wire) -> Response:
+    return Response(body.model_dump_json(), media_type="application/json")

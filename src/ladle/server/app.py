@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import importlib.metadata
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Literal
 
 import uvicorn
+from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -35,6 +38,7 @@ from ladle.server.foundry_routes import FoundryRoutes
 from ladle.server.lifecycle import CatalogResolver, ModelPool
 from ladle.server.metrics import Metrics, RequestMetrics
 from ladle.server.openai_routes import OpenAIRoutes
+from ladle.server.openapi import Operation, documented, openapi_document
 from ladle.server.quant_routes import QuantRoutes
 from ladle.store.cache import ModelCache
 from ladle.store.catalog import Catalog
@@ -45,6 +49,12 @@ from ladle.tools.sessions import SessionLimits
 logger = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/health",)
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
 MB = 1 << 20  # answered without the API key
 _LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
@@ -171,13 +181,30 @@ def create_app(settings: ServerSettings) -> Starlette:
         toolbox=toolbox,
     )
 
+    @documented(Operation("Whether the service answers", "Service", returns=Health, errors=()))
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    @documented(Operation("Prometheus metrics", "Service", media_type="text/plain", errors=()))
     async def render_metrics(request: Request) -> Response:
         return PlainTextResponse(
             metrics.render(pool.stats()), media_type="text/plain; version=0.0.4"
         )
+
+    @documented(
+        Operation("This document: OpenAPI 3.1", "Service", returns=dict[str, Any], errors=())
+    )
+    async def openapi(request: Request) -> Response:
+        if not document:
+            document.update(
+                openapi_document(
+                    routes,
+                    title="ladle",
+                    version=importlib.metadata.version("ladle"),
+                    secured=settings.api_key is not None,
+                )
+            )
+        return JSONResponse(document)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -193,15 +220,18 @@ def create_app(settings: ServerSettings) -> Starlette:
     middleware = [Middleware(RequestMetrics, metrics=metrics)]
     if settings.api_key is not None:
         middleware.append(Middleware(BearerAuth, api_key=settings.api_key))
+    document: dict[str, Any] = {}  # built on first request, from the final routes
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", render_metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        *OpenAIRoutes(pool, metrics, catalog, cache).routes(),
+        *FoundryRoutes(settings.url, catalog, cache, pool).routes(),
+        *QuantRoutes(pool).routes(),
+        *AgentRoutes(toolbox).routes(),
+    ]
     return Starlette(
-        routes=[
-            Route("/health", health, methods=["GET"]),
-            Route("/metrics", render_metrics, methods=["GET"]),
-            *OpenAIRoutes(pool, metrics, catalog, cache).routes(),
-            *FoundryRoutes(settings.url, catalog, cache, pool).routes(),
-            *QuantRoutes(pool).routes(),
-            *AgentRoutes(toolbox).routes(),
-        ],
+        routes=routes,
         middleware=middleware,
         exception_handlers={
             LadleError: handle_exception,

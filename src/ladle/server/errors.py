@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ladle.errors import (
+    ConflictError,
     ContextLengthError,
     DownloadError,
     EngineClosedError,
@@ -40,6 +41,7 @@ class CapacityError(LadleError):
 # The first row whose class matches wins, so subclasses come before their bases.
 _TABLE: list[tuple[type[Exception], int, str, str | None]] = [
     (ContextLengthError, 400, "invalid_request_error", "context_length_exceeded"),
+    (ConflictError, 409, "invalid_request_error", "conflict"),
     (InvalidRequestError, 400, "invalid_request_error", None),
     (ModelNotFoundError, 404, "invalid_request_error", "model_not_found"),
     (NotFoundError, 404, "invalid_request_error", "not_found"),

@@ -40,6 +40,7 @@ from ladle.protocol.openai import parse_body
 from ladle.server.errors import to_error
 from ladle.server.lifecycle import ModelPool
 from ladle.server.openai_routes import ClosingStreamingResponse
+from ladle.server.openapi import Operation, Query, documented
 from ladle.store.cache import ModelCache
 from ladle.store.catalog import Catalog
 from ladle.store.download import DownloadProgress, download_model
@@ -48,6 +49,8 @@ from ladle.store.entry import CatalogEntry
 EXECUTION_PROVIDERS = ("cpu",)  # what `ep=` may ask for: the engine runs on the CPU
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
+TAG = "Foundry Local"
+FLAG = {"type": "string", "enum": [*_TRUE, *_FALSE]}
 
 
 class FoundryRoutes:
@@ -77,16 +80,31 @@ class FoundryRoutes:
             Route("/openai/status", self.status, methods=["GET"]),
         ]
 
+    @documented(Operation("The catalog's entries", TAG, returns=list[FoundryListEntry]))
     async def list_catalog(self, request: Request) -> Response:
         entries = [to_list_entry(e).model_dump(by_alias=True) for e in self.catalog().entries()]
         return _json(entries)
 
+    @documented(Operation("Ids of the models ready to load", TAG, returns=list[str], errors=()))
     async def cached_models(self, request: Request) -> Response:
         return _json([e.id for e in self.catalog().entries() if self.cache.is_cached(e)])
 
+    @documented(Operation("Ids of the loaded models", TAG, returns=list[str], errors=()))
     async def loaded_models(self, request: Request) -> Response:
         return _json(self.pool.loaded_ids())
 
+    @documented(
+        Operation(
+            "Load a model (an empty 200 once loaded)",
+            TAG,
+            query=(
+                Query("ttl", {"type": "integer", "minimum": 0}, "idle seconds before it unloads"),
+                Query("unload", FLAG, "false: keep it until it is unloaded"),
+                Query("ep", {"type": "string", "pattern": "^([cC][pP][uU])?$"}, "cpu"),
+            ),
+            errors=(400, 404, 503),
+        )
+    )
     async def load(self, request: Request) -> Response:
         query = request.query_params
         ep = query.get("ep") or None
@@ -99,17 +117,35 @@ class FoundryRoutes:
         await self.pool.load(request.path_params["model_id"], self._ttl(query))
         return Response(status_code=200)
 
+    @documented(
+        Operation(
+            "Unload a model (an empty 200)",
+            TAG,
+            query=(Query("force", FLAG, "end its requests in flight"),),
+            errors=(400, 404, 409),
+        )
+    )
     async def unload(self, request: Request) -> Response:
         force = _flag(request.query_params, "force", default=False)
         await self.pool.unload(request.path_params["model_id"], force=force)
         return Response(status_code=200)
 
+    @documented(
+        Operation(
+            "Download a model: progress lines, then one JSON result line",
+            TAG,
+            body=FoundryDownloadRequest,
+            media_type="text/plain",
+            errors=(400, 404),
+        )
+    )
     async def download(self, request: Request) -> Response:
         body = parse_body(FoundryDownloadRequest, await request.body())
         entry = self.catalog().get(body.model.name, cached_ids=self.cache.cached_ids())
         lines = self._download_lines(entry, body.token)
         return ClosingStreamingResponse(lines, media_type="text/plain; charset=utf-8")
 
+    @documented(Operation("Endpoints and the model folder", TAG, returns=FoundryStatus, errors=()))
     async def status(self, request: Request) -> Response:
         status = FoundryStatus(endpoints=[self.endpoint], model_dir_path=str(self.cache.root))
         return _json(status.model_dump(by_alias=True))

@@ -24,9 +24,11 @@ from ladle.model import AsyncModel
 from ladle.protocol.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
     EmbeddingRequest,
+    EmbeddingResponse,
     ModelCard,
     ModelList,
     StreamOptions,
@@ -35,6 +37,7 @@ from ladle.protocol.openai import (
 from ladle.server.errors import to_error
 from ladle.server.lifecycle import Lease, ModelPool
 from ladle.server.metrics import Metrics
+from ladle.server.openapi import Operation, documented
 from ladle.store.cache import ModelCache
 from ladle.store.catalog import Catalog
 
@@ -63,6 +66,16 @@ class OpenAIRoutes:
             Route("/v1/models", self.models, methods=["GET"]),
         ]
 
+    @documented(
+        Operation(
+            "Chat completion (streamed as server-sent events with stream: true)",
+            "OpenAI",
+            body=ChatCompletionRequest,
+            returns=ChatCompletionResponse,
+            streams=True,
+            errors=(400, 404, 503),
+        )
+    )
     async def chat_completions(self, request: Request) -> Response:
         req = parse_body(ChatCompletionRequest, await request.body())
         if req.stream:
@@ -76,6 +89,16 @@ class OpenAIRoutes:
         self.metrics.observe_tokens(response.model, usage.prompt_tokens, usage.completion_tokens)
         return _json(response.model_dump_json())
 
+    @documented(
+        Operation(
+            "Text completion of a plain prompt",
+            "OpenAI",
+            body=CompletionRequest,
+            returns=CompletionResponse,
+            streams=True,
+            errors=(400, 404, 503),
+        )
+    )
     async def completions(self, request: Request) -> Response:
         req = parse_body(CompletionRequest, await request.body())
         if req.stream:
@@ -92,6 +115,15 @@ class OpenAIRoutes:
             )
         return _json(response.model_dump_json())
 
+    @documented(
+        Operation(
+            "Embeddings of texts or token ids",
+            "OpenAI",
+            body=EmbeddingRequest,
+            returns=EmbeddingResponse,
+            errors=(400, 404, 503),
+        )
+    )
     async def embeddings(self, request: Request) -> Response:
         """Concurrent requests to one model are embedded together by its worker."""
         req = parse_body(EmbeddingRequest, await request.body())
@@ -100,6 +132,7 @@ class OpenAIRoutes:
         self.metrics.observe_tokens(response.model, response.usage.prompt_tokens, 0)
         return _json(response.model_dump_json())
 
+    @documented(Operation("The models this service can serve now", "OpenAI", returns=ModelList))
     async def models(self, request: Request) -> Response:
         """The models this service can serve now: the loaded ones, then the rest of the cache
         (and registered local models)."""

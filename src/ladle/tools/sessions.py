@@ -24,10 +24,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from ladle.errors import InvalidRequestError, NotFoundError
-from ladle.protocol.openai import ChatMessage
+from ladle.protocol.openai import SESSION_ID_PATTERN, ChatMessage
 from ladle.tools.database import Database
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+SESSION_ID = re.compile(SESSION_ID_PATTERN)
 
 
 @dataclass(frozen=True, slots=True)

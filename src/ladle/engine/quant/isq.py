@@ -54,6 +54,16 @@ Weight = torch.Tensor | GGMLTensor
 Imatrix = Mapping[str, torch.Tensor]  # module name -> mean squared activation [in_features]
 
 
+def isq_type_pattern() -> str:
+    """A regular expression of every spelling `parse_isq_type` takes (for API documents)."""
+
+    def caseless(alias: str) -> str:
+        return "_*".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in alias)
+
+    names = [*_BITS, *(f"_*{caseless(a)}_*" for a in _ALIASES)]
+    return rf"^\s*(?:{'|'.join(names)})\s*$"
+
+
 def parse_isq_type(name: str | int) -> str:
     """The canonical ISQ type for a user's spelling; ValueError listing the valid ones."""
     text = str(name).strip()

@@ -25,7 +25,7 @@ from ladle.engine.loader import LoadedModel, layer_specs, quantizable_linears, r
 from ladle.engine.quant.calibration import ActivationStats
 from ladle.engine.quant.imatrix import save_cimatrix
 from ladle.engine.quant.isq import Imatrix, IsqSpec, parse_isq_type
-from ladle.errors import InvalidRequestError
+from ladle.errors import ConflictError, InvalidRequestError
 
 RunOnEngine = Callable[[Callable[[], Any]], "Future[Any]"]
 
@@ -46,7 +46,7 @@ class LiveQuantizer:
         except ValueError as e:
             raise InvalidRequestError(str(e), "ggml_type") from e
         if not self._busy.acquire(blocking=False):
-            raise InvalidRequestError("a re-quantization of this model is already running")
+            raise ConflictError("a re-quantization of this model is already running")
         try:
             source = self.loaded.path.exists()
             fresh = self._from_source(spec) if source else self._from_resident(spec)
@@ -85,12 +85,12 @@ class LiveQuantizer:
 
     def begin_calibration(self) -> None:
         if self.loaded.isq is None:
-            raise InvalidRequestError(
+            raise ConflictError(
                 "calibration needs a model quantized in place: load it with with_isq(...) or "
                 "re-quantize it (re_isq_model) first"
             )
         if self._stats is not None:
-            raise InvalidRequestError("calibration is already running: apply it first")
+            raise ConflictError("calibration is already running: apply it first")
         live = quantizable_linears(self.loaded.model)
         stats = {name: ActivationStats(layer.in_features) for name, layer in live.items()}
 
@@ -109,7 +109,7 @@ class LiveQuantizer:
         """Stop collecting, re-quantize weighted by the statistics, optionally save them."""
         stats = self._running()
         if not any(s.rows for s in stats.values()):
-            raise InvalidRequestError("no tokens seen since begin_calibration: serve some first")
+            raise ConflictError("no tokens seen since begin_calibration: serve some first")
         live = quantizable_linears(self.loaded.model)
 
         def stop() -> None:
@@ -126,5 +126,5 @@ class LiveQuantizer:
 
     def _running(self) -> dict[str, ActivationStats]:
         if self._stats is None:
-            raise InvalidRequestError("no calibration running: call begin_calibration first")
+            raise ConflictError("no calibration running: call begin_calibration first")
         return self._stats
