@@ -295,6 +295,12 @@ class _Routing:
         core = self._models.get(model_id)
         return core.engine.stats() if isinstance(core, ModelCore) else None
 
+    def engine_failure(self, model_id: str | None = None) -> str | None:
+        """Why a text model's engine thread died, if it did (its calls then fail at once with
+        `EngineClosedError`; unload and load it again); None while it serves."""
+        core = self._models.get(model_id)
+        return core.engine.failure if isinstance(core, ModelCore) else None
+
     @property
     def toolbox(self) -> Toolbox:
         """The server-side tools, sessions and files these models share."""

@@ -87,7 +87,7 @@ def test_models_lists_the_cached_and_loaded_models(client: openai.OpenAI) -> Non
 
 def test_every_route_but_health_needs_the_key(server: ServerSettings) -> None:
     with httpx.Client(base_url=server.url, timeout=30) as http:
-        assert http.get("/health").json() == {"status": "ok"}
+        assert http.get("/health").json() == {"status": "ok", "failed_models": {}}
         for method, path in [
             ("GET", "/v1/models"),
             ("POST", "/v1/chat/completions"),

@@ -52,6 +52,12 @@ def add_serve(sub: Any) -> None:
     )
     serve.add_argument("--threads", type=int, default=None, help="CPU threads per model")
     serve.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests that may wait for a model beyond --max-num-seqs; past them: 503",
+    )
+    serve.add_argument(
         "--mcp-config",
         type=Path,
         default=None,
@@ -104,6 +110,7 @@ def _serve(args: argparse.Namespace) -> int:
         kv_cache_tokens=args.kv_cache_tokens,
         kv_cache_dtype=args.kv_cache_dtype,
         num_threads=args.threads,
+        max_queue=args.max_queue,
         mcp_config=args.mcp_config,
         sessions_db=args.sessions_db or envconfig.home() / "sessions.db",
         max_sessions=args.max_sessions,

@@ -112,6 +112,9 @@ class LLMEngine:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._scratch_to_release = False  # a long prefill ran since memory was last trimmed
+        self.failure: str | None = None  # why the engine thread died, if it did
+        # test-only: called with each batch before it runs; what it raises, the step raised
+        self.fault_hook: Callable[[list[ScheduledSequence]], None] | None = None
 
     def serve(self) -> None:
         """Serve requests on the calling thread until `close`.
@@ -122,7 +125,14 @@ class LLMEngine:
         self._thread = threading.current_thread()
         if self.compiler is not None:
             self.compiler.start()  # eager until the compiled step is ready
-        self._loop()
+        try:
+            self._loop()
+        except BaseException as e:  # the thread dies: nobody may wait on it any longer
+            logger.critical("the engine thread died", exc_info=e)
+            self.failure = f"{type(e).__name__}: {e}"
+            with self._cv:
+                self._closed = True
+            self._fail_all(EngineClosedError(f"the model's engine failed ({self.failure})"))
 
     # ------------------------------------------------------------ public, any thread
 
@@ -161,7 +171,7 @@ class LLMEngine:
         handle = RequestHandle(seqs, prompt_ids, self)
         with self._cv:
             if self._closed:
-                raise EngineClosedError("the model has been closed")
+                raise EngineClosedError(self._closed_reason())
             self._new.append(handle)
             self._cv.notify()
         return handle
@@ -197,10 +207,15 @@ class LLMEngine:
         future: Future[T] = Future()
         with self._cv:
             if self._closed:
-                raise EngineClosedError("the model has been closed")
+                raise EngineClosedError(self._closed_reason())
             self._jobs.append((future, fn))
             self._cv.notify()
         return future
+
+    def _closed_reason(self) -> str:
+        if self.failure is not None:
+            return f"the model's engine failed ({self.failure}); load the model again"
+        return "the model has been closed"
 
     def abort(self, handle: RequestHandle) -> None:
         with self._cv:
@@ -254,18 +269,26 @@ class LLMEngine:
         return bool(self._new or self._jobs or self.scheduler.has_work())
 
     def _step(self, batch: list[ScheduledSequence]) -> None:
-        """Run the batch and sample; a failure ends only the sequences it touched.
+        """Run the batch and sample; a failure ends only the request that caused it.
 
         Any exception is caught here because the engine thread must outlive a bad request:
-        it is logged and handed to the request's caller, never swallowed.
+        it is logged and handed to the request's caller, never swallowed. A batch that fails
+        runs again one sequence at a time (its KV writes are redone, nothing was committed),
+        so the others finish their step and only the failing one ends.
         """
         self._scratch_to_release |= any(item.num_tokens >= _LONG_PREFILL for item in batch)
         try:
+            if self.fault_hook is not None:
+                self.fault_hook(batch)
             rows = self.runner.run(batch)
         except Exception as e:
+            if len(batch) > 1:
+                logger.warning("a step of %d sequences failed (%r); one at a time", len(batch), e)
+                for item in batch:
+                    self._step([item])
+                return
             logger.exception("a model step failed")
-            for item in batch:
-                self._fail(item.seq, e)
+            self._fail(batch[0].seq, e)
             return
         for item in batch:
             item.seq.num_computed_tokens += item.num_tokens

@@ -52,7 +52,11 @@ OPEN_PATHS = ("/health",)
 
 
 class Health(BaseModel):
-    status: Literal["ok"]
+    """`degraded`: a model's engine died; `failed_models` says which and why (the next
+    request for it loads it again)."""
+
+    status: Literal["ok", "degraded"]
+    failed_models: dict[str, str]
 
 
 MB = 1 << 20  # answered without the API key
@@ -77,6 +81,8 @@ class ServerSettings:
         kv_cache_tokens: each text model's KV cache budget in tokens (None: one full context).
         kv_cache_dtype: what each text model's KV cache stores: "f16" (default) or "f32".
         num_threads: CPU threads per model (None: the cores this process may use).
+        max_queue: requests that may wait for a model beyond the `max_num_seqs` it runs; past
+            them a request is refused at once (503, `Retry-After`).
         mcp_config: an `{"mcpServers": {...}}` JSON file; its servers' tools serve every model.
         sessions_db: the SQLite file sessions and tool files persist in (None: memory only).
         max_sessions, session_ttl, session_max_mb: what the session store keeps (see
@@ -96,6 +102,7 @@ class ServerSettings:
     kv_cache_tokens: int | None = None
     kv_cache_dtype: str = "f16"
     num_threads: int | None = None
+    max_queue: int = 64
     mcp_config: Path | None = None
     sessions_db: Path | None = None
     max_sessions: int = 1000
@@ -130,6 +137,8 @@ class ServerSettings:
             raise InvalidRequestError(str(e), "kv_cache_dtype") from e
         if self.num_threads is not None and self.num_threads < 1:
             raise InvalidRequestError(f"must be at least 1, got {self.num_threads}", "num_threads")
+        if self.max_queue < 0:
+            raise InvalidRequestError(f"must be at least 0, got {self.max_queue}", "max_queue")
         if self.max_tool_rounds < 0:
             raise InvalidRequestError(
                 f"must be at least 0, got {self.max_tool_rounds}", "max_tool_rounds"
@@ -178,12 +187,15 @@ def create_app(settings: ServerSettings) -> Starlette:
         kv_cache_tokens=settings.kv_cache_tokens,
         kv_cache_dtype=settings.kv_cache_dtype,
         num_threads=settings.num_threads,
+        max_queue=settings.max_queue,
         toolbox=toolbox,
     )
 
     @documented(Operation("Whether the service answers", "Service", returns=Health, errors=()))
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        failed = pool.failures()
+        health = Health(status="degraded" if failed else "ok", failed_models=failed)
+        return JSONResponse(health.model_dump())
 
     @documented(Operation("Prometheus metrics", "Service", media_type="text/plain", errors=()))
     async def render_metrics(request: Request) -> Response:
@@ -230,7 +242,7 @@ def create_app(settings: ServerSettings) -> Starlette:
         *QuantRoutes(pool).routes(),
         *AgentRoutes(toolbox).routes(),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=middleware,
         exception_handlers={
@@ -240,6 +252,8 @@ def create_app(settings: ServerSettings) -> Starlette:
         },
         lifespan=lifespan,
     )
+    app.state.pool = pool  # for whoever embeds the app (and the fault tests) to reach the models
+    return app
 
 
 class BearerAuth:

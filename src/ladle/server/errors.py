@@ -38,6 +38,12 @@ class CapacityError(LadleError):
     """A model cannot be loaded within `max_loaded_models` / `memory_budget_mb`."""
 
 
+class OverloadedError(LadleError):
+    """A model's queue is full: the request is refused at once, to be retried."""
+
+    retry_after = 1  # seconds, sent as `Retry-After`
+
+
 # The first row whose class matches wins, so subclasses come before their bases.
 _TABLE: list[tuple[type[Exception], int, str, str | None]] = [
     (ContextLengthError, 400, "invalid_request_error", "context_length_exceeded"),
@@ -47,6 +53,7 @@ _TABLE: list[tuple[type[Exception], int, str, str | None]] = [
     (NotFoundError, 404, "invalid_request_error", "not_found"),
     (ModelBusyError, 409, "invalid_request_error", "model_busy"),
     (CapacityError, 503, "server_error", "model_capacity"),
+    (OverloadedError, 503, "server_error", "overloaded"),
     (EngineClosedError, 503, "server_error", "model_unloaded"),
     (DownloadError, 502, "server_error", "download_failed"),
     (ModelLoadError, 500, "server_error", "model_load_failed"),
@@ -80,7 +87,10 @@ def unauthorized() -> Response:
 async def handle_exception(request: Request, exc: Exception) -> Response:
     """Starlette exception handler: any error raised by a route becomes an OpenAI body."""
     status, body = to_error(exc)
-    return _response(status, body)
+    response = _response(status, body)
+    if isinstance(exc, OverloadedError):
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 def _body(

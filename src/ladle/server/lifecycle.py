@@ -9,6 +9,11 @@ Rules, as `ModelPool` applies them:
   estimated from its file size): the least recently used idle models are unloaded first. If
   only busy models stand in the way, the load fails with `CapacityError` (503) rather than
   waiting, so no request hangs on another's stream.
+- A model takes `max_num_seqs` requests running and `max_queue` waiting; past that, a new
+  request gets `OverloadedError` (503 with `Retry-After`) at once, so overload costs a retry,
+  not memory.
+- A model whose engine thread died (`engine_failure`) is unloaded by the next request for it
+  and loaded afresh; until then `failures()` (and `/health`) name it with the reason.
 - `unload(force=True)` closes the model at once: its requests in flight end with
   `EngineClosedError`, which streams report as an error event. Without `force`, unloading a
   model with requests in flight is refused with `ModelBusyError` (409) and the model stays;
@@ -29,7 +34,7 @@ from ladle.builders import EmbeddingModelBuilder, TextModelBuilder
 from ladle.engine.embedding_loader import is_embedding_model
 from ladle.errors import ModelNotFoundError
 from ladle.model import AsyncModel
-from ladle.server.errors import CapacityError, ModelBusyError
+from ladle.server.errors import CapacityError, ModelBusyError, OverloadedError
 from ladle.server.metrics import LoadedModelStats, Metrics
 from ladle.store.cache import ModelCache
 from ladle.store.catalog import Catalog
@@ -123,6 +128,7 @@ class ModelPool:
         max_num_seqs, kv_cache_tokens, kv_cache_dtype: each text model's engine settings (see
             the builders; None: the builders' default).
         num_threads: CPU threads per model (None: the builders' default).
+        max_queue: requests that may wait for a model beyond the `max_num_seqs` it runs.
         toolbox: server-side tools, sessions and files, shared by every model loaded.
     """
 
@@ -138,6 +144,7 @@ class ModelPool:
         kv_cache_tokens: int | None = None,
         kv_cache_dtype: str | None = None,
         num_threads: int | None = None,
+        max_queue: int = 64,
         toolbox: Toolbox | None = None,
     ) -> None:
         self._resolve = resolve
@@ -150,6 +157,8 @@ class ModelPool:
         self._kv_cache_dtype = kv_cache_dtype
         self._num_threads = num_threads
         self._toolbox = toolbox
+        self._max_active = max_num_seqs + max_queue  # requests in flight on one model, at most
+        self._failed: dict[str, str] = {}  # model id -> why its engine died, until reloaded
         self._loaded: dict[str, Resident] = {}
         self._loading: dict[str, asyncio.Task[Resident]] = {}
         self._reserved: dict[str, int] = {}  # bytes of loads in progress
@@ -179,6 +188,15 @@ class ModelPool:
     def residents(self) -> list[Resident]:
         return list(self._loaded.values())
 
+    def failures(self) -> dict[str, str]:
+        """Models whose engine died, and why: those found dead now, and those unloaded for it
+        and not loaded again since."""
+        for r in self.residents():
+            reason = r.model.engine_failure()
+            if reason is not None:
+                self._failed[r.model_id] = reason
+        return dict(self._failed)
+
     def stats(self) -> list[LoadedModelStats]:
         return [
             LoadedModelStats(r.model_id, r.size_bytes, r.active, r.model.engine_stats())
@@ -188,12 +206,22 @@ class ModelPool:
     # ---- requests
 
     async def acquire(self, name: str) -> Lease:
-        """Hold the model `name` names, loading it first if needed."""
+        """Hold the model `name` names, loading it first if needed (or again, if it died)."""
         while True:
             resident = self._loaded.get(name)
             if resident is None:
                 resident = await self._ensure_loaded(self._resolve(name), self.default_ttl)
+            reason = resident.model.engine_failure()
+            if reason is not None:
+                await self._discard(resident, reason)
+                continue
             if self._loaded.get(resident.model_id) is resident:  # not evicted meanwhile
+                if resident.active >= self._max_active:
+                    raise OverloadedError(
+                        f"model {resident.model_id!r} has {resident.active} requests in flight, "
+                        f"its limit ({self._max_active - self._max_num_seqs} waiting beside "
+                        f"{self._max_num_seqs} running); retry shortly"
+                    )
                 return Lease(resident)
 
     @contextlib.asynccontextmanager
@@ -273,6 +301,7 @@ class ModelPool:
             del self._reserved[source.model_id]
         resident = Resident(source.model_id, model, source.size_bytes, ttl)
         self._loaded[source.model_id] = resident
+        self._failed.pop(source.model_id, None)
         return resident
 
     async def _make_room(self, source: ModelSource) -> None:
@@ -301,6 +330,14 @@ class ModelPool:
         used = sum(r.size_bytes for r in self._loaded.values()) + sum(self._reserved.values())
         within_budget = self._budget is None or used + need <= self._budget
         return count < self._max_models and within_budget
+
+    async def _discard(self, resident: Resident, reason: str) -> None:
+        """Unload a model whose engine died, so that the next request loads it afresh."""
+        async with self._lock:
+            self._failed[resident.model_id] = reason
+            if self._loaded.get(resident.model_id) is resident:
+                logger.error("%s failed (%s): unloading it", resident.model_id, reason)
+                await self._close(resident)
 
     async def _close(self, resident: Resident) -> None:
         """Forget and stop a model; its requests in flight end with `EngineClosedError`."""
