@@ -52,6 +52,9 @@ def add_serve(sub: Any) -> None:
     )
     serve.add_argument("--threads", type=int, default=None, help="CPU threads per model")
     serve.add_argument(
+        "--max-body-mb", type=int, default=64, help="largest request body taken (413 past it)"
+    )
+    serve.add_argument(
         "--max-queue",
         type=int,
         default=64,
@@ -111,6 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
         kv_cache_dtype=args.kv_cache_dtype,
         num_threads=args.threads,
         max_queue=args.max_queue,
+        max_body_mb=args.max_body_mb,
         mcp_config=args.mcp_config,
         sessions_db=args.sessions_db or envconfig.home() / "sessions.db",
         max_sessions=args.max_sessions,

@@ -36,6 +36,7 @@ from ladle.server.agent_routes import AgentRoutes
 from ladle.server.errors import handle_exception, unauthorized
 from ladle.server.foundry_routes import FoundryRoutes
 from ladle.server.lifecycle import CatalogResolver, ModelPool
+from ladle.server.limits import BodyLimit
 from ladle.server.metrics import Metrics, RequestMetrics
 from ladle.server.openai_routes import OpenAIRoutes
 from ladle.server.openapi import Operation, documented, openapi_document
@@ -83,6 +84,7 @@ class ServerSettings:
         num_threads: CPU threads per model (None: the cores this process may use).
         max_queue: requests that may wait for a model beyond the `max_num_seqs` it runs; past
             them a request is refused at once (503, `Retry-After`).
+        max_body_mb: the largest request body taken (413 past it).
         mcp_config: an `{"mcpServers": {...}}` JSON file; its servers' tools serve every model.
         sessions_db: the SQLite file sessions and tool files persist in (None: memory only).
         max_sessions, session_ttl, session_max_mb: what the session store keeps (see
@@ -103,6 +105,7 @@ class ServerSettings:
     kv_cache_dtype: str = "f16"
     num_threads: int | None = None
     max_queue: int = 64
+    max_body_mb: int = 64
     mcp_config: Path | None = None
     sessions_db: Path | None = None
     max_sessions: int = 1000
@@ -137,6 +140,8 @@ class ServerSettings:
             raise InvalidRequestError(str(e), "kv_cache_dtype") from e
         if self.num_threads is not None and self.num_threads < 1:
             raise InvalidRequestError(f"must be at least 1, got {self.num_threads}", "num_threads")
+        if self.max_body_mb < 1:
+            raise InvalidRequestError(f"must be at least 1, got {self.max_body_mb}", "max_body_mb")
         if self.max_queue < 0:
             raise InvalidRequestError(f"must be at least 0, got {self.max_queue}", "max_queue")
         if self.max_tool_rounds < 0:
@@ -232,6 +237,7 @@ def create_app(settings: ServerSettings) -> Starlette:
     middleware = [Middleware(RequestMetrics, metrics=metrics)]
     if settings.api_key is not None:
         middleware.append(Middleware(BearerAuth, api_key=settings.api_key))
+    middleware.append(Middleware(BodyLimit, limit=settings.max_body_mb * MB))
     document: dict[str, Any] = {}  # built on first request, from the final routes
     routes = [
         Route("/health", health, methods=["GET"]),

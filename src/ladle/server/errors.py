@@ -38,6 +38,14 @@ class CapacityError(LadleError):
     """A model cannot be loaded within `max_loaded_models` / `memory_budget_mb`."""
 
 
+class RequestTooLargeError(LadleError):
+    """A request body over the service's `max_body_mb` (server/limits.py)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"the request body is over the limit of {limit >> 20} MB (max_body_mb)")
+
+
 class OverloadedError(LadleError):
     """A model's queue is full: the request is refused at once, to be retried."""
 
@@ -52,6 +60,7 @@ _TABLE: list[tuple[type[Exception], int, str, str | None]] = [
     (ModelNotFoundError, 404, "invalid_request_error", "model_not_found"),
     (NotFoundError, 404, "invalid_request_error", "not_found"),
     (ModelBusyError, 409, "invalid_request_error", "model_busy"),
+    (RequestTooLargeError, 413, "invalid_request_error", "request_too_large"),
     (CapacityError, 503, "server_error", "model_capacity"),
     (OverloadedError, 503, "server_error", "overloaded"),
     (EngineClosedError, 503, "server_error", "model_unloaded"),
@@ -86,6 +95,11 @@ def unauthorized() -> Response:
 
 async def handle_exception(request: Request, exc: Exception) -> Response:
     """Starlette exception handler: any error raised by a route becomes an OpenAI body."""
+    return error_response(exc)
+
+
+def error_response(exc: Exception) -> Response:
+    """The OpenAI error response for `exc`, with `Retry-After` when there is one."""
     status, body = to_error(exc)
     response = _response(status, body)
     if isinstance(exc, OverloadedError):

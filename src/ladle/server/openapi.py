@@ -28,6 +28,7 @@ ERROR_TEXT = {
     401: "Missing or wrong API key",
     404: "No model, session or file with that id",
     409: "Valid, but not now: the model is busy, or calibration is not in that state",
+    413: "The request body is over the service's max_body_mb",
     502: "A download source failed",
     503: "No capacity, or the model was unloaded meanwhile",
 }
@@ -154,7 +155,8 @@ def _responses(
     if content:
         ok["content"] = content
     responses = {"200": ok}
-    for status in sorted({*op.errors, *((401,) if secured else ())}):
+    implied = (*((401,) if secured else ()), *((413,) if op.body is not None else ()))
+    for status in sorted({*op.errors, *implied}):
         responses[str(status)] = {
             "description": ERROR_TEXT[status],
             "content": {"application/json": {"schema": error}},
