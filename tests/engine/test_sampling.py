@@ -52,6 +52,24 @@ def test_a_draw_that_rounds_up_to_the_total_takes_the_last_possible_token(
     assert draws(SamplingParams(temperature=1.0), probs.log(), seed=3, n=3) == [4, 4, 4]
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1e-300),  # logits / T overflow to +-inf: softmax is NaN
+        SamplingParams(temperature=5e-324),
+        SamplingParams(temperature=1.0, repetition_penalty=1e-300),  # seen tokens to inf
+    ],
+)
+def test_a_row_that_overflows_draws_its_most_likely_token(params: SamplingParams) -> None:
+    """Found by fuzzing the service: such a draw returned the vocabulary's size as a token,
+    and the next step indexed the embedding out of range (a 500)."""
+    logits = torch.tensor([0.5, 2.0, -1.0, 1.5, 0.0])
+    sampler = Sampler(params, [3], seed=0)
+    picked = [sampler.sample(sampler.process(logits.clone())) for _ in range(5)]
+    expected = 3 if params.repetition_penalty != 1.0 else 1  # the penalty blew token 3 up
+    assert picked == [expected] * 5
+
+
 def test_top_k_restricts_to_k_best() -> None:
     logits = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
     assert set(draws(SamplingParams(temperature=5.0, top_k=2), logits, seed=0, n=200)) == {0, 1}

@@ -52,6 +52,18 @@ def add_serve(sub: Any) -> None:
     )
     serve.add_argument("--threads", type=int, default=None, help="CPU threads per model")
     serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        help="seconds a completion may take (504 past it; a request's `timeout` may ask less)",
+    )
+    serve.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a stream waits on a client that reads nothing before cutting it off",
+    )
+    serve.add_argument(
         "--max-body-mb", type=int, default=64, help="largest request body taken (413 past it)"
     )
     serve.add_argument(
@@ -115,6 +127,8 @@ def _serve(args: argparse.Namespace) -> int:
         num_threads=args.threads,
         max_queue=args.max_queue,
         max_body_mb=args.max_body_mb,
+        request_timeout=args.request_timeout,
+        stall_timeout=args.stall_timeout,
         mcp_config=args.mcp_config,
         sessions_db=args.sessions_db or envconfig.home() / "sessions.db",
         max_sessions=args.max_sessions,

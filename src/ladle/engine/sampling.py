@@ -118,6 +118,7 @@ class Sampler:
             # numpy's argmax (the first maximum, as torch's; no bf16, hence float) takes 4 µs on a
             # 49152-token row where torch's CPU reduction takes about 50: per sequence, every step
             return int(logits.float().contiguous().numpy().argmax())
+        row = logits
         logits = logits / p.temperature
         if 0 < p.top_k < logits.shape[-1]:
             kth = torch.topk(logits, p.top_k).values[-1]
@@ -136,6 +137,10 @@ class Sampler:
         # the one before it). u * total can round up to the total itself, where no sum
         # exceeds it: then the draw is the last token that adds to the total.
         cdf = torch.cumsum(probs, dim=-1)
+        if not bool(torch.isfinite(cdf[-1])) or float(cdf[-1]) <= 0.0:
+            # the row overflowed (a temperature near 0, an extreme penalty): no distribution is
+            # left to draw from, and the limit of such a draw is the most likely token
+            return int(torch.argmax(torch.nan_to_num(row.float(), nan=float("-inf"))))
         u = torch.rand(1, generator=self.generator) * cdf[-1]
         last = int(torch.searchsorted(cdf, cdf[-1:]))
         return min(int(torch.searchsorted(cdf, u, right=True)), last)

@@ -165,6 +165,7 @@ class SamplingFields(Wire):
     truncate_sequence: bool = False
     user: str | None = None
     grammar: Constraint | None = None
+    timeout: float | None = Field(default=None, gt=0)  # ladle: seconds this request may take
 
     @field_validator("logit_bias")
     @classmethod

@@ -85,6 +85,10 @@ class ServerSettings:
         max_queue: requests that may wait for a model beyond the `max_num_seqs` it runs; past
             them a request is refused at once (503, `Retry-After`).
         max_body_mb: the largest request body taken (413 past it).
+        request_timeout: seconds a completion may take, at most (None: no limit; a request's
+            own `timeout` may ask for less); past it, 504, or an error event in a stream.
+        stall_timeout: seconds a stream may wait on a client that reads nothing before it is
+            cut off and its request aborted.
         mcp_config: an `{"mcpServers": {...}}` JSON file; its servers' tools serve every model.
         sessions_db: the SQLite file sessions and tool files persist in (None: memory only).
         max_sessions, session_ttl, session_max_mb: what the session store keeps (see
@@ -106,6 +110,8 @@ class ServerSettings:
     num_threads: int | None = None
     max_queue: int = 64
     max_body_mb: int = 64
+    request_timeout: float | None = None
+    stall_timeout: float = 30.0
     mcp_config: Path | None = None
     sessions_db: Path | None = None
     max_sessions: int = 1000
@@ -140,6 +146,10 @@ class ServerSettings:
             raise InvalidRequestError(str(e), "kv_cache_dtype") from e
         if self.num_threads is not None and self.num_threads < 1:
             raise InvalidRequestError(f"must be at least 1, got {self.num_threads}", "num_threads")
+        for name in ("request_timeout", "stall_timeout"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise InvalidRequestError(f"must be positive, got {value}", name)
         if self.max_body_mb < 1:
             raise InvalidRequestError(f"must be at least 1, got {self.max_body_mb}", "max_body_mb")
         if self.max_queue < 0:
@@ -243,7 +253,9 @@ def create_app(settings: ServerSettings) -> Starlette:
         Route("/health", health, methods=["GET"]),
         Route("/metrics", render_metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
-        *OpenAIRoutes(pool, metrics, catalog, cache).routes(),
+        *OpenAIRoutes(
+            pool, metrics, catalog, cache, settings.request_timeout, settings.stall_timeout
+        ).routes(),
         *FoundryRoutes(settings.url, catalog, cache, pool).routes(),
         *QuantRoutes(pool).routes(),
         *AgentRoutes(toolbox).routes(),

@@ -46,6 +46,15 @@ class RequestTooLargeError(LadleError):
         super().__init__(f"the request body is over the limit of {limit >> 20} MB (max_body_mb)")
 
 
+class DeadlineExceededError(LadleError):
+    """A request ran past its deadline (its `timeout`, or the service's `request_timeout`)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the request ran past its deadline (its timeout, or the service's request_timeout)"
+        )
+
+
 class OverloadedError(LadleError):
     """A model's queue is full: the request is refused at once, to be retried."""
 
@@ -63,6 +72,7 @@ _TABLE: list[tuple[type[Exception], int, str, str | None]] = [
     (RequestTooLargeError, 413, "invalid_request_error", "request_too_large"),
     (CapacityError, 503, "server_error", "model_capacity"),
     (OverloadedError, 503, "server_error", "overloaded"),
+    (DeadlineExceededError, 504, "server_error", "deadline_exceeded"),
     (EngineClosedError, 503, "server_error", "model_unloaded"),
     (DownloadError, 502, "server_error", "download_failed"),
     (ModelLoadError, 500, "server_error", "model_load_failed"),

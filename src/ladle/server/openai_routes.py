@@ -10,15 +10,18 @@ and so frees the sequence in the engine.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from ladle.model import AsyncModel
 from ladle.protocol.openai import (
@@ -34,12 +37,14 @@ from ladle.protocol.openai import (
     StreamOptions,
     parse_body,
 )
-from ladle.server.errors import to_error
+from ladle.server.errors import DeadlineExceededError, to_error
 from ladle.server.lifecycle import Lease, ModelPool
 from ladle.server.metrics import Metrics
 from ladle.server.openapi import Operation, documented
 from ladle.store.cache import ModelCache
 from ladle.store.catalog import Catalog
+
+logger = logging.getLogger(__name__)
 
 Chunk = ChatCompletionChunk | CompletionResponse
 StreamedRequest = TypeVar("StreamedRequest", ChatCompletionRequest, CompletionRequest)
@@ -52,11 +57,15 @@ class OpenAIRoutes:
         metrics: Metrics,
         catalog: Callable[[], Catalog],
         cache: ModelCache,
+        request_timeout: float | None = None,
+        stall_timeout: float | None = None,
     ) -> None:
         self.pool = pool
         self.metrics = metrics
         self.catalog = catalog
         self.cache = cache
+        self.request_timeout = request_timeout
+        self.stall_timeout = stall_timeout
 
     def routes(self) -> list[Route]:
         return [
@@ -73,17 +82,18 @@ class OpenAIRoutes:
             body=ChatCompletionRequest,
             returns=ChatCompletionResponse,
             streams=True,
-            errors=(400, 404, 503),
+            errors=(400, 404, 503, 504),
         )
     )
     async def chat_completions(self, request: Request) -> Response:
         req = parse_body(ChatCompletionRequest, await request.body())
+        deadline = self._deadline(req.timeout)
         if req.stream:
             counted, wants_usage = _counting_usage(req)
             return await self._stream(
-                req.model, lambda m: m.stream_chat_request(counted), wants_usage
+                req.model, lambda m: m.stream_chat_request(counted), wants_usage, deadline
             )
-        async with self.pool.use(req.model) as model:
+        async with self.pool.use(req.model) as model, _within(deadline):
             response = await model.send_chat_request(req)
         usage = response.usage
         self.metrics.observe_tokens(response.model, usage.prompt_tokens, usage.completion_tokens)
@@ -96,17 +106,18 @@ class OpenAIRoutes:
             body=CompletionRequest,
             returns=CompletionResponse,
             streams=True,
-            errors=(400, 404, 503),
+            errors=(400, 404, 503, 504),
         )
     )
     async def completions(self, request: Request) -> Response:
         req = parse_body(CompletionRequest, await request.body())
+        deadline = self._deadline(req.timeout)
         if req.stream:
             counted, wants_usage = _counting_usage(req)
             return await self._stream(
-                req.model, lambda m: m.stream_completion_request(counted), wants_usage
+                req.model, lambda m: m.stream_completion_request(counted), wants_usage, deadline
             )
-        async with self.pool.use(req.model) as model:
+        async with self.pool.use(req.model) as model, _within(deadline):
             response = await model.send_completion_request(req)
         if response.usage is not None:
             usage = response.usage
@@ -159,17 +170,27 @@ class OpenAIRoutes:
         name: str,
         open_stream: Callable[[AsyncModel], AsyncGenerator[Chunk, None]],
         usage: bool,
+        deadline: float | None,
     ) -> Response:
         meter = _StreamMeter(self.metrics, time.perf_counter(), usage)
         lease = await self.pool.acquire(name)
         try:
             stream = open_stream(lease.model)
-            first = await anext(stream, None)  # validates the request before headers are sent
+            async with _within(deadline):
+                first = await anext(stream, None)  # validates the request before headers go
         except BaseException:
             lease.release()
             raise
-        events = _sse(stream, first, lease, meter)
-        return ClosingStreamingResponse(events, media_type="text/event-stream")
+        events = _sse(stream, first, lease, meter, deadline)
+        return ClosingStreamingResponse(
+            events, media_type="text/event-stream", stall_timeout=self.stall_timeout
+        )
+
+    def _deadline(self, asked: float | None) -> float | None:
+        """When the request must be done (the event loop's clock): its own `timeout`, within
+        the service's `request_timeout`."""
+        limits = [t for t in (asked, self.request_timeout) if t is not None]
+        return asyncio.get_running_loop().time() + min(limits) if limits else None
 
 
 class ClosingStreamingResponse(StreamingResponse):
@@ -177,18 +198,41 @@ class ClosingStreamingResponse(StreamingResponse):
 
     When a client hangs up while a chunk is being sent, Starlette abandons the generator at its
     `yield`, leaving its `finally` to the garbage collector; closing it here runs that `finally`
-    (which releases the model and aborts the request) at once.
+    (which releases the model and aborts the request) at once. A client that stops reading
+    without hanging up blocks the sending of a chunk once the socket's buffers are full: past
+    `stall_timeout` seconds of that, it is cut off the same way, so its sequence stops using
+    the engine and its KV blocks are freed.
     """
 
-    def __init__(self, content: AsyncGenerator[bytes | str, None], media_type: str) -> None:
+    def __init__(
+        self,
+        content: AsyncGenerator[bytes | str, None],
+        media_type: str,
+        stall_timeout: float | None = None,
+    ) -> None:
         super().__init__(content, media_type=media_type)
         self._content = content
+        self._stall_timeout = stall_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_or_cut_off(message: Message) -> None:
+            try:
+                async with asyncio.timeout(self._stall_timeout):
+                    await send(message)
+            except TimeoutError:
+                logger.warning("a client stopped reading its stream: cut off")
+                raise ClientStalledError from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_or_cut_off)
+        except ClientStalledError:
+            pass  # nothing more can reach that client
         finally:
             await self._content.aclose()
+
+
+class ClientStalledError(Exception):
+    """A stream's client read nothing for `stall_timeout` seconds."""
 
 
 class _StreamMeter:
@@ -235,7 +279,11 @@ def _carries_token(chunk: Chunk) -> bool:
 
 
 async def _sse(
-    stream: AsyncGenerator[Chunk, None], first: Chunk | None, lease: Lease, meter: _StreamMeter
+    stream: AsyncGenerator[Chunk, None],
+    first: Chunk | None,
+    lease: Lease,
+    meter: _StreamMeter,
+    deadline: float | None,
 ) -> AsyncGenerator[bytes | str, None]:
     try:
         chunk = first
@@ -243,7 +291,8 @@ async def _sse(
             sent = meter.see(chunk)
             if sent is not None:
                 yield _event(sent.model_dump_json())
-            chunk = await anext(stream, None)
+            async with _within(deadline):
+                chunk = await anext(stream, None)
         lease.release()  # before [DONE]: a client that reads it and unloads finds the model idle
         yield b"data: [DONE]\n\n"
     except Exception as e:  # the headers are sent: the error can only be an event
@@ -253,6 +302,17 @@ async def _sse(
         lease.release()
         meter.close()
         await stream.aclose()  # if we stopped early, the model's stream aborts its request
+
+
+@contextlib.asynccontextmanager
+async def _within(deadline: float | None) -> AsyncIterator[None]:
+    """Run the block until `deadline` (the loop's clock; None: no limit), else
+    `DeadlineExceededError`; the awaited model call is cancelled, which aborts its request."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            yield
+    except TimeoutError as e:
+        raise DeadlineExceededError() from e
 
 
 def _event(data: str) -> bytes:

@@ -22,6 +22,7 @@ from starlette.routing import BaseRoute, Route
 from ladle.protocol.openai import ErrorResponse
 
 F = TypeVar("F", bound=Callable[..., Any])
+SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
 REF = "#/components/schemas/{model}"
 ERROR_TEXT = {
     400: "Invalid request: the error's `param` names the field",
@@ -30,7 +31,8 @@ ERROR_TEXT = {
     409: "Valid, but not now: the model is busy, or calibration is not in that state",
     413: "The request body is over the service's max_body_mb",
     502: "A download source failed",
-    503: "No capacity, or the model was unloaded meanwhile",
+    503: "No capacity, a full queue (Retry-After), or the model was unloaded meanwhile",
+    504: "The request ran past its deadline",
 }
 
 
@@ -149,8 +151,8 @@ def _responses(
         content["application/json"] = {"schema": schemas.of(op.returns, "serialization")}
     if op.media_type is not None:
         content[op.media_type] = {"schema": {"type": "string"}}
-    if op.streams:
-        content["text/event-stream"] = {"schema": {"type": "string"}}
+    if op.streams:  # each event: `data:` a chunk as JSON, an error, or `[DONE]`
+        content["text/event-stream"] = {"schema": SSE_EVENT}
     ok: dict[str, Any] = {"description": "OK"}
     if content:
         ok["content"] = content
