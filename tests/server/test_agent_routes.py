@@ -132,6 +132,16 @@ def test_a_failing_tool_is_the_models_business_not_a_500(client: openai.OpenAI) 
         ("PUT", "/v1/sessions/bad", {"messages": [{"role": "robot"}]}, 400, "messages[0].role"),
         ("PUT", "/v1/sessions/bad", {"messages": "no"}, 400, "messages"),
         ("PUT", "/v1/sessions/bad%20id", {"messages": []}, 400, "id"),
+        (
+            "PUT",
+            "/v1/sessions/twice",
+            {
+                "messages": [],
+                "files": [{"id": "f", "filename": "a", "media_type": "text/plain", "data": ""}] * 2,
+            },
+            400,
+            "files[1].id",
+        ),
         ("POST", "/v1/sessions/web/fork", {"num_turns": 1}, 400, "dest"),
     ],
 )

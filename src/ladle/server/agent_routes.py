@@ -69,7 +69,8 @@ class AgentRoutes:
     )
     async def get_session(self, request: Request) -> Response:
         exported = self.toolbox.sessions.export(request.path_params["id"])
-        return _json(SessionExport.model_validate(exported))
+        body = SessionExport.model_validate(exported)  # as documented, and as the SDK exports
+        return Response(body.model_dump_json(exclude_none=True), media_type="application/json")
 
     @documented(
         Operation(
