@@ -226,7 +226,7 @@ class ClosingStreamingResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send_or_cut_off)
         except ClientStalledError:
-            pass  # nothing more can reach that client
+            return  # the stream is over: nothing more can reach that client
         finally:
             await self._content.aclose()
 

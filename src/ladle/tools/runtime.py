@@ -219,9 +219,8 @@ class AgentRun:
             )
         self.req = req
         self.toolbox = toolbox
-        self.server = toolbox.tools()
         client = {t.function.name for t in req.tools or []}
-        self.server = {k: v for k, v in self.server.items() if k not in client}
+        self.server = {k: v for k, v in toolbox.tools().items() if k not in client}
         self.max_rounds = (
             req.max_tool_rounds if req.max_tool_rounds is not None else toolbox.max_tool_rounds
         )
