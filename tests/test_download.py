@@ -6,7 +6,9 @@ import hashlib
 import itertools
 import json
 import multiprocessing
+import signal
 import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -15,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 import ladle.store.transfer
@@ -35,6 +38,7 @@ class FileServer:
         self.files: dict[str, bytes] = {}
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.drop_after: dict[str, list[int]] = {}  # per path: cut the next responses after N bytes
+        self.pause_at: dict[str, list[int]] = {}  # per path: the next responses stall after N bytes
         self.statuses: dict[str, list[int]] = {}  # per path: answer the next requests with these
         self.token: str | None = None
         self.ignore_range = False
@@ -72,6 +76,11 @@ class FileServer:
                 cuts = owner.drop_after.get(self.path, [])
                 if cuts:
                     data = data[: cuts.pop(0)]  # then close: the client sees a short body
+                pauses = owner.pause_at.get(self.path, [])
+                if pauses:  # send the first N bytes, then stall until the gate opens
+                    self.wfile.write(data[: pauses[0]])
+                    self.wfile.flush()
+                    data = data[pauses.pop(0) :]
                 owner.body_started.set()
                 if owner.gate is not None:
                     owner.gate.wait(10)
@@ -331,6 +340,95 @@ def test_concurrent_processes_transfer_the_file_once(
     assert len(server.gets("/m.gguf")) == 1
 
 
+_SERVE = (
+    "import sys\n"
+    "from pathlib import Path\n"
+    "from ladle.server import ServerSettings, serve\n"
+    "settings = ServerSettings(cache_dir=Path(sys.argv[1]), catalog_paths=(Path(sys.argv[2]),))\n"
+    "serve(settings, on_ready=lambda url: print(url, flush=True))\n"
+)
+
+
+def _start_service(cache: Path, catalog: Path) -> tuple[subprocess.Popen[str], str]:
+    """`serve` in a child process, as `ladle serve` runs it: the process and its URL."""
+    args = [sys.executable, "-c", _SERVE, str(cache), str(catalog)]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    return process, process.stdout.readline().strip()
+
+
+def _download_over_http(url: str, model_id: str) -> list[str]:
+    """POST /openai/download as Foundry's SDK does: the streamed lines, or those until a cut."""
+    lines: list[str] = []
+    try:
+        body = {"model": model_id}
+        with httpx.stream("POST", f"{url}/openai/download", json=body, timeout=60) as response:
+            lines.extend(response.iter_lines())
+    except httpx.TransportError:  # the service was killed mid-stream
+        pass
+    return lines
+
+
+def test_a_service_killed_mid_download_resumes_after_restart(
+    server: FileServer, tmp_path: Path
+) -> None:
+    """`kill -9` mid-transfer: nothing listed, the bytes kept, the lock free; the next run
+    resumes with a Range request from the bytes on disk and checks the whole file's sha256."""
+    server.files["/m.gguf"] = BODY
+    server.pause_at["/m.gguf"] = [len(BODY) // 3]
+    server.gate = threading.Event()
+    entry = one_file(f"{server.url}/m.gguf")
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text(json.dumps({"models": [entry.to_json()]}))
+    cache = ModelCache(tmp_path / "cache")
+    partial = cache.entry_dir(entry) / f"model.gguf{ladle.store.transfer.PARTIAL_SUFFIX}"
+
+    process, url = _start_service(cache.root, catalog)
+    try:
+        first = threading.Thread(target=_download_over_http, args=(url, entry.id), daemon=True)
+        first.start()
+        assert server.body_started.wait(60)
+        assert _wait_for(lambda: partial.is_file() and partial.stat().st_size > 0)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(30) == -signal.SIGKILL
+    finally:
+        process.kill()
+    kept = partial.stat().st_size
+    assert 0 < kept <= len(BODY) // 3
+    assert cache.list() == [] and not cache.is_cached(entry)
+    assert any((cache.root / ".locks").iterdir())  # the dead process's lock file is still there
+
+    server.gate.set()
+    process, url = _start_service(cache.root, catalog)
+    try:
+        assert httpx.get(f"{url}/openai/models").json() == []  # the partial file is not a model
+        lines = _download_over_http(url, entry.id)
+        assert json.loads(lines[-1]) == {"success": True, "errorMessage": None}
+        assert httpx.get(f"{url}/openai/models").json() == [entry.id]
+    finally:
+        process.kill()
+    assert server.gets("/m.gguf")[-1]["Range"] == f"bytes={kept}-"
+    assert cache.model_path(entry).read_bytes() == BODY and not partial.exists()
+    assert cache.verify(entry) == []
+
+
+def test_a_resumed_file_with_bad_bytes_on_disk_fails_its_checksum(
+    server: FileServer, tmp_path: Path
+) -> None:
+    """Bytes left on disk are trusted for the resume but still hashed: corrupt them and the
+    sha256 check refuses the file, and the next download starts clean."""
+    server.files["/m.gguf"] = BODY
+    cache = ModelCache(tmp_path)
+    entry = one_file(f"{server.url}/m.gguf")
+    partial = cache.entry_dir(entry) / f"model.gguf{ladle.store.transfer.PARTIAL_SUFFIX}"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"\xff" * 1000)  # what a kill might leave: bytes that are not the file's
+    with pytest.raises(DownloadError, match="sha256 mismatch"):
+        download_model(entry, cache)
+    assert not cache.entry_dir(entry).exists()
+    assert download_model(entry, cache).read_bytes() == BODY
+
+
 def test_hf_source_goes_through_the_endpoint_with_the_token(
     server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -417,12 +515,21 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 def test_full_disk_fails_cleanly(server: FileServer, small_disk: Path) -> None:
     server.files["/m.gguf"] = BODY  # 2 MiB, the size unknown to the catalog
+    server.files["/small.gguf"] = BODY[:100_000]
     cache = ModelCache(small_disk)
+    small = make_entry(
+        [{"name": "s.gguf", "size": None, "sha256": None, "source": f"{server.url}/small.gguf"}],
+        "small-generic-cpu:1",
+    )
+    download_model(small, cache)
     entry = one_file(f"{server.url}/m.gguf", size=None, sha=None)
     with pytest.raises(DownloadError, match="no space left") as error:
         download_model(entry, cache)
-    assert error.value.model == entry.id
+    assert error.value.model == entry.id and str(small_disk) in str(error.value)
     assert not cache.entry_dir(entry).exists()
+    assert [m.id for m in cache.list()] == [small.id] and cache.verify(small) == []
+    server.files["/m.gguf"] = BODY[:200_000]  # room freed: the same model downloads cleanly
+    assert download_model(entry, cache).read_bytes() == BODY[:200_000]
 
 
 def _wheel(folder: Path, name: str, version: str, members: dict[str, bytes]) -> None:
@@ -512,3 +619,12 @@ def test_builtin_default_chat_model_from_pypi(smollm2_path: Path, tmp_path: Path
     assert path.stat().st_size == smollm2_path.stat().st_size
     assert cache.verify(entry) == []  # the catalog's size and sha256 are the real file's
     assert [m.id for m in cache.list()] == [entry.id]
+
+
+def _wait_for(condition: Any, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False

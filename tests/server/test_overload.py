@@ -47,3 +47,25 @@ def test_a_full_queue_is_a_503_with_retry_after(serve: Any) -> None:
                 break
             time.sleep(0.1)
         assert answer.status_code == 200, answer.text
+
+
+def test_a_request_counts_its_n_choices_against_the_queue(serve: Any) -> None:
+    """Choices are sequences: `n` fills the queue as `n` requests do, so one request cannot
+    slip hundreds of sequences past the bound; an idle model still takes any single one."""
+    settings = serve(max_num_seqs=2, max_queue=2)
+    short = {**LONG, "stream": False, "max_tokens": 2}
+    with httpx.Client(base_url=settings.url, timeout=120) as client:
+        assert client.get(f"/openai/load/{MODEL}").status_code == 200
+        alone = client.post("/v1/chat/completions", json={**short, "n": 6})  # idle: served
+        assert alone.status_code == 200, alone.text
+        assert len(alone.json()["choices"]) == 6
+        endless = {**LONG, "logit_bias": {"0": -100, "2": -100}}  # SmolLM2's end tokens banned
+        with client.stream("POST", "/v1/chat/completions", json=endless) as running:
+            assert running.status_code == 200  # holds 1 of the 4 sequences
+            refused = client.post("/v1/chat/completions", json={**short, "n": 4})
+            assert refused.status_code == 503, refused.text
+            assert "1 sequences in flight; 4 more" in refused.json()["error"]["message"]
+            completion = {"model": MODEL, "prompt": "Hi", "n": 4, "max_tokens": 2}
+            assert client.post("/v1/completions", json=completion).status_code == 503
+            answer = client.post("/v1/completions", json={**completion, "n": 1})
+            assert answer.status_code == 200, answer.text  # beside the stream, in the batch

@@ -70,7 +70,7 @@ def add_serve(sub: Any) -> None:
         "--max-queue",
         type=int,
         default=64,
-        help="requests that may wait for a model beyond --max-num-seqs; past them: 503",
+        help="sequences (n per request) that may wait beyond --max-num-seqs; past them: 503",
     )
     serve.add_argument(
         "--mcp-config",

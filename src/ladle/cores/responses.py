@@ -4,12 +4,14 @@ Streaming and non-streaming replies are built from the same `TokenEvent`s by the
 accumulator, so a streamed reply concatenates to exactly the non-streamed one. When a request
 offers tools, each choice's text goes through a `ToolCallParser` (tools/parser.py): text outside
 calls is the content, each call streams as two deltas (id, type and name, then the arguments),
-and a reply that called a tool ends with `finish_reason: "tool_calls"`.
+and a reply that called a tool ends with `finish_reason: "tool_calls"`. A chat reply that
+stops is checked against the schemas its grammar did not wholly enforce (`ReplyCheck`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ladle.engine.loading.tokenizer import Tokenizer
 from ladle.engine.sequence import TokenEvent
@@ -34,6 +36,9 @@ from ladle.protocol.openai import (
 )
 from ladle.tools.parser import ParsedCall, ToolCallParser, ToolParsing, new_call_id
 
+if TYPE_CHECKING:
+    from ladle.cores.structured import ReplyCheck
+
 NewPiece = str | tuple[int, ToolCall]  # text, or a call and its index in the reply
 
 
@@ -47,6 +52,7 @@ class ChoiceState:
     content: str = ""  # the text outside tool calls
     tool_calls: list[ToolCall] = field(default_factory=list)
     new: list[NewPiece] = field(default_factory=list)  # what the latest event added
+    schema_violation: str | None = None  # set when the reply stops (ReplyCheck)
 
     def reported_finish_reason(self) -> str | None:
         if self.finish_reason == "stop" and self.tool_calls:
@@ -81,11 +87,17 @@ class Accumulator:
     """Collects the events of one request's `n` choices."""
 
     def __init__(
-        self, n: int, tokenizer: Tokenizer, prompt_tokens: int, tools: ToolParsing | None = None
+        self,
+        n: int,
+        tokenizer: Tokenizer,
+        prompt_tokens: int,
+        tools: ToolParsing | None = None,
+        check: ReplyCheck | None = None,
     ) -> None:
         self.choices = [ChoiceState(parser=tools.parser() if tools else None) for _ in range(n)]
         self.tokenizer = tokenizer
         self.prompt_tokens = prompt_tokens
+        self.check = check
 
     @property
     def done(self) -> bool:
@@ -98,6 +110,8 @@ class Accumulator:
         choice.finish_reason = event.finish_reason
         if choice.parser is not None:
             choice.read_tools(event.text, event.finish_reason is not None)
+        if event.finish_reason == "stop" and self.check is not None:  # "length": incomplete
+            choice.schema_violation = self.check.violation(choice.message())
         if event.logprob is None:
             return None
         entry = TokenLogprob(
@@ -128,6 +142,7 @@ class Accumulator:
                 message=c.message(),
                 finish_reason=c.reported_finish_reason(),  # type: ignore[arg-type]
                 logprobs=ChoiceLogprobs(content=c.logprobs) if logprobs else None,
+                schema_violation=c.schema_violation,
             )
             for i, c in enumerate(self.choices)
         ]
@@ -148,6 +163,7 @@ class Accumulator:
         if not deltas and (event.finish_reason or logprob):
             deltas = [Delta()]
         finish = choice.reported_finish_reason() if event.finish_reason else None
+        last = len(deltas) - 1
         return [
             ChatCompletionChunk(
                 id=rid,
@@ -157,8 +173,9 @@ class Accumulator:
                     ChunkChoice(
                         index=event.index,
                         delta=delta,
-                        finish_reason=finish if i == len(deltas) - 1 else None,  # type: ignore[arg-type]
+                        finish_reason=finish if i == last else None,  # type: ignore[arg-type]
                         logprobs=ChoiceLogprobs(content=[logprob]) if logprob and i == 0 else None,
+                        schema_violation=choice.schema_violation if finish and i == last else None,
                     )
                 ],
             )

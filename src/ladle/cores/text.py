@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from ladle.cores.responses import Accumulator
-from ladle.cores.structured import request_grammar
+from ladle.cores.structured import reply_check, request_grammar
 from ladle.engine.engine import EngineConfig, LLMEngine
 from ladle.engine.grammar import GrammarCompiler
 from ladle.engine.kv_cache import DEFAULT_KV_CACHE_DTYPE
@@ -336,9 +336,11 @@ class ModelCore:
     def chat_accumulator(
         self, req: ChatCompletionRequest, prompt: list[int], params: SamplingParams
     ) -> Accumulator:
-        """Collects the reply's events, reading tool calls out of it when tools are offered."""
+        """Collects the reply's events, reading tool calls out of it when tools are offered
+        and checking it against the schemas its grammar did not wholly enforce."""
         parsing = tool_parsing(req, self.tool_format)
-        return Accumulator(params.n, self.tokenizer, len(prompt), parsing)
+        check = reply_check(self.grammars, req)
+        return Accumulator(params.n, self.tokenizer, len(prompt), parsing, check)
 
     def prepare_completion(
         self, request: CompletionInput

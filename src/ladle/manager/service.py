@@ -34,6 +34,7 @@ from filelock import FileLock
 
 from ladle import envconfig
 from ladle.errors import ServiceError
+from ladle.store.atomic import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -289,11 +290,7 @@ def _read(path: Path) -> ServiceState | None:
 
 
 def _write(path: Path, state: ServiceState) -> None:
-    temp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold the API key
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(asdict(state), f, indent=2)
-    os.replace(temp, path)
+    write_atomic(path, json.dumps(asdict(state), indent=2), mode=0o600)  # it may hold the API key
 
 
 def _is_alive(pid: int) -> bool:

@@ -125,7 +125,9 @@ class JsonSchemaFormat(Wire):
     name: str = "response"
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")  # {} is any JSON
-    strict: bool | None = None  # output always follows the schema, strict or not
+    # true: a schema with keywords the grammar cannot enforce is a 400 naming them; otherwise
+    # they are checked after generation (`schema_violation` on the choice)
+    strict: bool | None = None
 
 
 class ResponseFormat(Wire):
@@ -187,7 +189,7 @@ class FunctionDefinition(Wire):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function names
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None  # a forced call always follows the schema, strict or not
+    strict: bool | None = None  # as `JsonSchemaFormat.strict`, for `parameters`
 
     @field_validator("parameters")
     @classmethod
@@ -339,6 +341,8 @@ def parse_body(cls: type[Request], raw: bytes) -> Request:
     """Decode an HTTP request's JSON body and validate it into `cls`.
 
     Bad JSON, a body that is not an object and a bad field all raise `InvalidRequestError`.
+    The wire is strict, as the OpenAPI document says: `"5"` is not an integer nor `"true"` a
+    boolean there (JSON object keys are strings, so `logit_bias`'s token ids still parse).
     """
     try:
         data = json.loads(raw)
@@ -346,12 +350,18 @@ def parse_body(cls: type[Request], raw: bytes) -> Request:
         raise InvalidRequestError(f"the request body is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise InvalidRequestError("the request body must be a JSON object")
-    return parse_request(cls, data)
+    return parse_request(cls, raw, strict=True)
 
 
-def parse_request(cls: type[Request], data: Any) -> Request:
-    """Validate `data` into `cls`, raising `InvalidRequestError` that names the bad field."""
+def parse_request(cls: type[Request], data: Any, *, strict: bool = False) -> Request:
+    """Validate `data` into `cls`, raising `InvalidRequestError` that names the bad field.
+
+    `strict` takes `data` as JSON text and refuses values of the wrong JSON type; otherwise
+    (the SDK's Python dicts) pydantic's lax mode converts what it can.
+    """
     try:
+        if strict:
+            return cls.model_validate_json(data, strict=True)
         return cls.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
@@ -421,6 +431,9 @@ class ChatChoice(Wire):
     message: AssistantMessage
     finish_reason: FinishReason | None
     logprobs: ChoiceLogprobs | None = None
+    # ladle: how the reply breaks a JSON schema whose grammar left parts of it unenforced
+    # (checked after generation, with the JSON path); None when it follows it
+    schema_violation: str | None = None
 
 
 class FileRef(Wire):
@@ -484,6 +497,7 @@ class ChunkChoice(Wire):
     delta: Delta
     finish_reason: FinishReason | None = None
     logprobs: ChoiceLogprobs | None = None
+    schema_violation: str | None = None  # ladle: as `ChatChoice`'s, on the finishing chunk
 
 
 class ChatCompletionChunk(Wire):

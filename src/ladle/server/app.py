@@ -82,8 +82,9 @@ class ServerSettings:
         kv_cache_tokens: each text model's KV cache budget in tokens (None: one full context).
         kv_cache_dtype: what each text model's KV cache stores: "f16" (default) or "f32".
         num_threads: CPU threads per model (None: the cores this process may use).
-        max_queue: requests that may wait for a model beyond the `max_num_seqs` it runs; past
-            them a request is refused at once (503, `Retry-After`).
+        max_queue: sequences (a request counts its `n`) that may wait for a model beyond the
+            `max_num_seqs` it runs; past them a request is refused at once (503,
+            `Retry-After`).
         max_body_mb: the largest request body taken (413 past it).
         request_timeout: seconds a completion may take, at most (None: no limit; a request's
             own `timeout` may ask for less); past it, 504, or an error event in a stream.

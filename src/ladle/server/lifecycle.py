@@ -9,9 +9,10 @@ Rules, as `ModelPool` applies them:
   estimated from its file size): the least recently used idle models are unloaded first. If
   only busy models stand in the way, the load fails with `CapacityError` (503) rather than
   waiting, so no request hangs on another's stream.
-- A model takes `max_num_seqs` requests running and `max_queue` waiting; past that, a new
-  request gets `OverloadedError` (503 with `Retry-After`) at once, so overload costs a retry,
-  not memory.
+- A model takes `max_num_seqs` sequences running and `max_queue` waiting (a request with
+  `n` choices counts `n`); past that, a new request gets `OverloadedError` (503 with
+  `Retry-After`) at once, so overload costs a retry, not memory. An idle model takes any one
+  request, so a request larger than the bound runs alone rather than never.
 - A model whose engine thread died (`engine_failure`) is unloaded by the next request for it
   and loaded afresh; until then `failures()` (and `/health`) name it with the reason.
 - `unload(force=True)` closes the model at once: its requests in flight end with
@@ -93,6 +94,7 @@ class Resident:
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     active: int = 0  # requests in flight
+    sequences: int = 0  # the sequences they asked for (`n` each)
 
     def is_expired(self, now: float) -> bool:
         return self.active == 0 and self.ttl is not None and now - self.last_used >= self.ttl
@@ -101,11 +103,13 @@ class Resident:
 class Lease:
     """One request's hold on a loaded model; while held, the model is not evicted or expired."""
 
-    def __init__(self, resident: Resident) -> None:
+    def __init__(self, resident: Resident, sequences: int = 1) -> None:
         self.resident = resident
         self.model = resident.model
+        self.sequences = sequences
         self._held = True
         resident.active += 1
+        resident.sequences += sequences
         resident.last_used = time.monotonic()
 
     def release(self) -> None:
@@ -113,6 +117,7 @@ class Lease:
         if self._held:
             self._held = False
             self.resident.active -= 1
+            self.resident.sequences -= self.sequences
             self.resident.last_used = time.monotonic()
 
 
@@ -128,7 +133,8 @@ class ModelPool:
         max_num_seqs, kv_cache_tokens, kv_cache_dtype: each text model's engine settings (see
             the builders; None: the builders' default).
         num_threads: CPU threads per model (None: the builders' default).
-        max_queue: requests that may wait for a model beyond the `max_num_seqs` it runs.
+        max_queue: sequences (a request counts its `n`) that may wait for a model beyond the
+            `max_num_seqs` it runs.
         toolbox: server-side tools, sessions and files, shared by every model loaded.
     """
 
@@ -157,7 +163,7 @@ class ModelPool:
         self._kv_cache_dtype = kv_cache_dtype
         self._num_threads = num_threads
         self._toolbox = toolbox
-        self._max_active = max_num_seqs + max_queue  # requests in flight on one model, at most
+        self._max_active = max_num_seqs + max_queue  # sequences in flight on one model, at most
         self._failed: dict[str, str] = {}  # model id -> why its engine died, until reloaded
         self._loaded: dict[str, Resident] = {}
         self._loading: dict[str, asyncio.Task[Resident]] = {}
@@ -205,8 +211,9 @@ class ModelPool:
 
     # ---- requests
 
-    async def acquire(self, name: str) -> Lease:
-        """Hold the model `name` names, loading it first if needed (or again, if it died)."""
+    async def acquire(self, name: str, sequences: int = 1) -> Lease:
+        """Hold the model `name` names, loading it first if needed (or again, if it died), for
+        a request of `sequences` sequences (its `n`)."""
         while True:
             resident = self._loaded.get(name)
             if resident is None:
@@ -216,18 +223,20 @@ class ModelPool:
                 await self._discard(resident, reason)
                 continue
             if self._loaded.get(resident.model_id) is resident:  # not evicted meanwhile
-                if resident.active >= self._max_active:
+                held = resident.sequences
+                if held and held + sequences > self._max_active:
+                    waiting = self._max_active - self._max_num_seqs
                     raise OverloadedError(
-                        f"model {resident.model_id!r} has {resident.active} requests in flight, "
-                        f"its limit ({self._max_active - self._max_num_seqs} waiting beside "
+                        f"model {resident.model_id!r} has {held} sequences in flight; "
+                        f"{sequences} more would pass its limit ({waiting} waiting beside "
                         f"{self._max_num_seqs} running); retry shortly"
                     )
-                return Lease(resident)
+                return Lease(resident, sequences)
 
     @contextlib.asynccontextmanager
-    async def use(self, name: str) -> AsyncIterator[AsyncModel]:
+    async def use(self, name: str, sequences: int = 1) -> AsyncIterator[AsyncModel]:
         """`async with pool.use(name) as model:` for a request that returns one response."""
-        lease = await self.acquire(name)
+        lease = await self.acquire(name, sequences)
         try:
             yield lease.model
         finally:

@@ -91,9 +91,9 @@ class OpenAIRoutes:
         if req.stream:
             counted, wants_usage = _counting_usage(req)
             return await self._stream(
-                req.model, lambda m: m.stream_chat_request(counted), wants_usage, deadline
+                req.model, lambda m: m.stream_chat_request(counted), wants_usage, deadline, req.n
             )
-        async with self.pool.use(req.model) as model, _within(deadline):
+        async with self.pool.use(req.model, req.n) as model, _within(deadline):
             response = await model.send_chat_request(req)
         usage = response.usage
         self.metrics.observe_tokens(response.model, usage.prompt_tokens, usage.completion_tokens)
@@ -115,9 +115,13 @@ class OpenAIRoutes:
         if req.stream:
             counted, wants_usage = _counting_usage(req)
             return await self._stream(
-                req.model, lambda m: m.stream_completion_request(counted), wants_usage, deadline
+                req.model,
+                lambda m: m.stream_completion_request(counted),
+                wants_usage,
+                deadline,
+                req.n,
             )
-        async with self.pool.use(req.model) as model, _within(deadline):
+        async with self.pool.use(req.model, req.n) as model, _within(deadline):
             response = await model.send_completion_request(req)
         if response.usage is not None:
             usage = response.usage
@@ -171,9 +175,10 @@ class OpenAIRoutes:
         open_stream: Callable[[AsyncModel], AsyncGenerator[Chunk, None]],
         usage: bool,
         deadline: float | None,
+        sequences: int,
     ) -> Response:
         meter = _StreamMeter(self.metrics, time.perf_counter(), usage)
-        lease = await self.pool.acquire(name)
+        lease = await self.pool.acquire(name, sequences)
         try:
             stream = open_stream(lease.model)
             async with _within(deadline):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import builtins
 import hashlib
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any
 from filelock import FileLock
 
 from ladle import envconfig
+from ladle.store.atomic import write_atomic
 from ladle.store.entry import CatalogEntry, CatalogFile
 from ladle.store.transfer import file_uri_path
 
@@ -89,10 +89,7 @@ class ModelCache:
             "id": entry.id,
             "files": [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in entry.files],
         }
-        folder = self.entry_dir(entry)
-        temp = folder / f"{MARKER}.{os.getpid()}.tmp"
-        temp.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        os.replace(temp, folder / MARKER)
+        write_atomic(self.entry_dir(entry) / MARKER, json.dumps(marker, indent=2) + "\n")
 
     def list(self) -> list[CachedModel]:
         """The complete models in the cache, by id."""
@@ -112,10 +109,15 @@ class ModelCache:
     def remove(self, model_id: str) -> bool:
         """Delete a model's folder, complete or not; False if there was none.
 
-        Waits for a download of the same model to finish first.
+        Waits for a download of the same model to finish first. The folder is always one
+        inside the cache root (the id is made safe); if it is a symbolic link, the link goes,
+        never what it points to.
         """
         folder = self.entry_dir(model_id)
         with self.lock(model_id):
+            if folder.is_symlink():
+                folder.unlink()
+                return True
             if not folder.is_dir():
                 return False
             shutil.rmtree(folder)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import re
 from collections.abc import Collection, Iterable, Sequence
 from importlib import resources
@@ -26,6 +25,7 @@ from filelock import FileLock
 from ladle import envconfig
 from ladle.devices import runnable_device_types
 from ladle.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
+from ladle.store.atomic import write_atomic
 from ladle.store.cache import ModelCache
 from ladle.store.download import download_model
 from ladle.store.entry import LOCAL_PROVIDER, CatalogEntry
@@ -164,9 +164,7 @@ class Catalog:
             kept = [e for e in _read_catalog_file(file) if e.id != drop] if file.is_file() else []
             entries = [*kept, add] if add else kept
             text = json.dumps({"models": [e.to_json() for e in entries]}, indent=2)
-            temp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
-            temp.write_text(text + "\n", encoding="utf-8")
-            os.replace(temp, file)
+            write_atomic(file, text + "\n")
 
 
 def resolve(name_or_path: str, cache_dir: Path | None = None) -> Path:

@@ -36,8 +36,10 @@ def tool_call_grammar(fmt: ToolFormat, tools: list[Tool], parallel: bool) -> str
             }
         )
     schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
-    # compact JSON: a small model left free to indent can loop on whitespace
-    schema = {**schema, "$defs": definitions, "x-guidance": {"whitespace_flexible": False}}
+    # compact JSON: a small model left free to indent can loop on whitespace; lenient: keywords
+    # llguidance cannot enforce are checked after generation (cores/structured.py)
+    guidance = {"whitespace_flexible": False, "lenient": True}
+    schema = {**schema, "$defs": definitions, "x-guidance": guidance}
     several = parallel and fmt.parallel  # one call for a syntax that carries one
     if fmt.name == HERMES.name:
         start = 'start: call ("\\n" call)*' if several else "start: call"

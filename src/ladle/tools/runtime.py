@@ -347,6 +347,7 @@ class AgentRun:
                         index=0,
                         delta=d,
                         finish_reason=choice.finish_reason if i == len(deltas) - 1 else None,
+                        schema_violation=choice.schema_violation if i == len(deltas) - 1 else None,
                     )
                 ],
             )
