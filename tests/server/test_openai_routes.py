@@ -10,8 +10,9 @@ from collections.abc import Callable, Iterator
 import httpx
 import openai
 import pytest
+from starlette.routing import Route
 
-from ladle.server import ServerSettings
+from ladle.server import ServerSettings, create_app
 
 API_KEY = "sk-test-key"
 MODEL = "smol-local:1"
@@ -88,15 +89,14 @@ def test_models_lists_the_cached_and_loaded_models(client: openai.OpenAI) -> Non
 def test_every_route_but_health_needs_the_key(server: ServerSettings) -> None:
     with httpx.Client(base_url=server.url, timeout=30) as http:
         assert http.get("/health").json() == {"status": "ok", "failed_models": {}}
-        for method, path in [
-            ("GET", "/v1/models"),
-            ("POST", "/v1/chat/completions"),
-            ("GET", "/openai/status"),
-            ("GET", "/metrics"),
-        ]:
+        routes = [r for r in create_app(server).routes if isinstance(r, Route)]
+        every = {(m, re.sub(r"{[^}]+}", "x", r.path)) for r in routes for m in r.methods or ()}
+        assert len(every) > 30
+        for method, path in sorted(every - {("GET", "/health"), ("HEAD", "/health")}):
             response = http.request(method, path, headers={"Authorization": "Bearer wrong"})
-            assert response.status_code == 401
-            assert response.json()["error"]["code"] == "invalid_api_key"
+            assert response.status_code == 401, (method, path)
+            if method != "HEAD":
+                assert response.json()["error"]["code"] == "invalid_api_key"
         assert http.get("/v1/models").status_code == 401  # no header at all
     wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):

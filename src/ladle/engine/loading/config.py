@@ -48,6 +48,34 @@ _ROPE_KEYS = {
     "freq_factors": ("factors",),  # GGUF's `rope_freqs` tensor: inv_freq = default / factors
 }
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+_OPTIONAL_COUNTS = ("num_key_value_heads", "head_dim", "original_max_position_embeddings")
+_NUMBERS = ("rms_norm_eps", "rope_theta", "partial_rotary_factor")
+_OPTIONAL_NUMBERS = (
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "query_pre_attn_scalar",
+    "rope_local_base_freq",
+)
+_ROPE_POSITIVE = ("factor", "low_freq_factor", "high_freq_factor", "attention_factor")
+_ROPE_NUMBERS = ("mscale", "mscale_all_dim", "beta_fast", "beta_slow")  # 0: not set
+_ROPE_LISTS = ("short_factor", "long_factor", "factors")
+# Far above any model (Llama 3.1 405B has 126), and a bound on the per-layer lists built here
+# from a number the file merely states.
+MAX_LAYERS = 1 << 16
+
+
+def is_count(value: object) -> bool:
+    """A positive int; JSON's and GGUF's booleans are ints to Python, and count as none."""
+    return is_index(value) and value != 0
+
+
+def is_index(value: object) -> bool:
+    """An int from 0."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass(slots=True)
@@ -92,10 +120,7 @@ class ModelConfig:
                 f"architecture '{self.architecture}' is not supported "
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})",
             )
-        for name in (*_REQUIRED, "num_attention_heads", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                self._fail(name, f"must be a positive integer, got {value!r}")
+        self._check_types()
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
@@ -122,10 +147,29 @@ class ModelConfig:
     def _fail(self, field: str, reason: str) -> NoReturn:
         raise ModelLoadError(self.path or "config", f"{field}: {reason}")
 
+    def _check_types(self) -> None:
+        """Every field holds what its annotation says: a config file may hold anything."""
+        for name in (*_REQUIRED, "num_attention_heads", "max_position_embeddings"):
+            if not is_count(getattr(self, name)):
+                self._fail(name, f"must be a positive integer, got {getattr(self, name)!r}")
+        for name in _OPTIONAL_COUNTS:
+            if getattr(self, name) is not None and not is_count(getattr(self, name)):
+                self._fail(name, f"must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_hidden_layers > MAX_LAYERS:
+            self._fail("num_hidden_layers", f"{self.num_hidden_layers} is over {MAX_LAYERS}")
+        for name in (*_NUMBERS, *_OPTIONAL_NUMBERS):
+            value = getattr(self, name)
+            if not is_number(value) and (value is not None or name in _NUMBERS):
+                self._fail(name, f"must be a number, got {value!r}")
+        if self.sliding_window is not None and not is_index(self.sliding_window):
+            self._fail("sliding_window", f"must be an integer from 0, got {self.sliding_window!r}")
+
     def _complete_layer_types(self) -> None:
         if self.layer_types is None:
             kind = "sliding_attention" if self.sliding_window else "full_attention"
             self.layer_types = [kind] * self.num_hidden_layers
+        if not isinstance(self.layer_types, list):
+            self._fail("layer_types", f"must be a list, got {self.layer_types!r}")
         if len(self.layer_types) != self.num_hidden_layers:
             self._fail(
                 "layer_types",
@@ -140,8 +184,12 @@ class ModelConfig:
         if not self.rope_scaling:
             self.rope_scaling = None
             return
+        if not isinstance(self.rope_scaling, dict):
+            self._fail("rope_scaling", f"must be a mapping, got {self.rope_scaling!r}")
         scaling = dict(self.rope_scaling)
         rope_type = scaling.pop("type", None) or scaling.get("rope_type") or "default"
+        if not isinstance(rope_type, str):
+            self._fail("rope_scaling", f"rope type {rope_type!r} is not a name")
         if self.architecture == "phi3" and rope_type in ("su", "yarn"):
             rope_type = "longrope"  # Phi-3's own names for it, as transformers reads them
         if rope_type == "default":
@@ -153,22 +201,47 @@ class ModelConfig:
         if missing:
             self._fail("rope_scaling", f"'{rope_type}' needs {', '.join(missing)}")
         scaling["rope_type"] = rope_type
+        for key in (*_ROPE_POSITIVE, *_ROPE_NUMBERS):
+            value = scaling.get(key)
+            if value is None:
+                continue
+            if not is_number(value) or value < 0 or (value == 0 and key in _ROPE_POSITIVE):
+                self._fail("rope_scaling", f"{key} must be a positive number, got {value!r}")
         assert self.head_dim is not None
         half = rotary_dim(self.head_dim, self.partial_rotary_factor) // 2
-        for key in ("short_factor", "long_factor", "factors"):
-            if key in scaling and len(scaling[key]) != half:
-                self._fail("rope_scaling", f"{key} has {len(scaling[key])} entries, not {half}")
+        for key in _ROPE_LISTS:
+            factors = scaling.get(key)
+            if factors is not None and not (
+                isinstance(factors, list) and all(map(is_number, factors))
+            ):
+                self._fail("rope_scaling", f"{key} must be a list of numbers")
+            if factors is not None and len(factors) != half:
+                self._fail("rope_scaling", f"{key} has {len(factors)} entries, not {half}")
         # A top-level value wins, as in transformers (Phi-3 keeps it outside the rope dict).
         original = self.original_max_position_embeddings or scaling.get(
             "original_max_position_embeddings", self.max_position_embeddings
         )
+        if not is_count(original):
+            self._fail("rope_scaling", f"original_max_position_embeddings is {original!r}")
         scaling["original_max_position_embeddings"] = original
         self.original_max_position_embeddings = original
         self.rope_scaling = scaling
 
     @classmethod
     def from_hf(cls, config: dict[str, Any], path: object = "") -> ModelConfig:
-        """Read a Hugging Face `config.json` dict (transformers 4.x or 5.x layout)."""
+        """Read a Hugging Face `config.json` dict (transformers 4.x or 5.x layout).
+
+        The file is untrusted: a value of the wrong type anywhere in it is a `ModelLoadError`.
+        """
+        if not isinstance(config, dict):
+            raise ModelLoadError(path, "config.json does not hold a JSON object")
+        try:
+            return cls._from_hf(config, path)
+        except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+            raise ModelLoadError(path, f"malformed config.json ({e})") from e
+
+    @classmethod
+    def _from_hf(cls, config: dict[str, Any], path: object) -> ModelConfig:
         if config.get("text_config"):  # multimodal wrappers (gemma3) keep the decoder inside
             config = {**config, **config["text_config"], "model_type": config.get("model_type")}
         arch = config.get("model_type")
@@ -177,6 +250,7 @@ class ModelConfig:
         for name in (*_REQUIRED, "num_attention_heads"):
             if config.get(name) is None:
                 raise ModelLoadError(path, f"{name}: missing from config.json")
+        _check_layer_count(config["num_hidden_layers"], path)  # before lists are built per layer
         theta, scaling, local_theta, partial = _hf_rope(config)
         sliding_window = config.get("sliding_window")
         if not config.get("use_sliding_window", True):  # qwen2/qwen3 keep a window they disable
@@ -236,10 +310,14 @@ class ModelConfig:
             if gguf.get(key) is None:
                 raise ModelLoadError(gguf.path, f"{gguf_arch}.{key}: missing from the metadata")
             required[key] = gguf.get(key)
-        num_layers, hidden = required["block_count"], required["embedding_length"]
-        num_heads = required["attention.head_count"]
-        head_dim = gguf.get("attention.key_length") or hidden // num_heads
-        rope_dims = gguf.get("rope.dimension_count") or head_dim
+        # checked here: the arithmetic below comes before the config checks its fields
+        num_layers, hidden = _gguf_count(gguf, "block_count"), _gguf_count(gguf, "embedding_length")
+        num_heads = _gguf_count(gguf, "attention.head_count")
+        _check_layer_count(num_layers, gguf.path)
+        head_dim = _gguf_count(gguf, "attention.key_length") or hidden // num_heads
+        if not head_dim:
+            raise ModelLoadError(gguf.path, f"{gguf_arch}.embedding_length: fewer than the heads")
+        rope_dims = _gguf_count(gguf, "rope.dimension_count") or head_dim
         sliding_window = gguf.get("attention.sliding_window") or None
         return cls(
             architecture=arch,
@@ -310,16 +388,31 @@ def _every_nth_global(num_layers: int, n: int) -> list[str]:
     ]
 
 
-def _gguf_vocab_size(gguf: GGUFFile) -> int:
+def _check_layer_count(value: Any, path: object) -> None:
+    if not is_count(value) or value > MAX_LAYERS:
+        raise ModelLoadError(path, f"num_hidden_layers: {value!r} is not 1 to {MAX_LAYERS}")
+
+
+def _gguf_count(gguf: GGUFFile, key: str) -> Any:
+    """`<arch>.<key>`, a positive integer if present."""
+    value = gguf.get(key)
+    if value is not None and not is_count(value):
+        raise ModelLoadError(
+            gguf.path, f"{gguf.architecture}.{key}: must be a positive integer, got {value!r}"
+        )
+    return value
+
+
+def _gguf_vocab_size(gguf: GGUFFile) -> Any:
     size = gguf.get("vocab_size")
     if size is None:
         tokens = gguf.metadata.get("tokenizer.ggml.tokens")
-        if not tokens:
+        if not tokens or not isinstance(tokens, list):
             raise ModelLoadError(
                 gguf.path, "vocab_size: no vocab_size and no tokenizer.ggml.tokens"
             )
         size = len(tokens)
-    return int(size)
+    return size  # checked by the config
 
 
 def _gguf_rope_scaling(gguf: GGUFFile) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from ladle.engine.loading.config import MAX_LAYERS, is_count, is_index, is_number
 from ladle.engine.loading.gguf import GGUFFile
 from ladle.errors import ModelLoadError, UnsupportedArchitectureError
 
@@ -45,16 +46,22 @@ class EncoderConfig:
     path: str = ""  # the file or folder it came from, for error messages
 
     def __post_init__(self) -> None:
-        if self.architecture not in ENCODER_ARCHITECTURES:
+        if not isinstance(self.architecture, str) or self.architecture not in ENCODER_ARCHITECTURES:
             raise UnsupportedArchitectureError(
                 self.path or "config",
                 f"encoder architecture '{self.architecture}' is not supported "
                 f"(supported: {', '.join(ENCODER_ARCHITECTURES)})",
             )
-        for name in _REQUIRED:
+        for name in (*_REQUIRED, "type_vocab_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_count(value):
                 self._fail(name, f"must be a positive integer, got {value!r}")
+        if self.num_hidden_layers > MAX_LAYERS:
+            self._fail("num_hidden_layers", f"{self.num_hidden_layers} is over {MAX_LAYERS}")
+        if not is_number(self.layer_norm_eps):
+            self._fail("layer_norm_eps", f"must be a number, got {self.layer_norm_eps!r}")
+        if not is_index(self.pad_token_id):
+            self._fail("pad_token_id", f"must be an integer from 0, got {self.pad_token_id!r}")
         if self.hidden_size % self.num_attention_heads:
             self._fail("num_attention_heads", "does not divide hidden_size")
         if self.hidden_act not in ENCODER_ACTIVATIONS:
@@ -76,6 +83,8 @@ class EncoderConfig:
 
     @classmethod
     def from_hf(cls, config: dict[str, Any], path: object = "") -> EncoderConfig:
+        if not isinstance(config, dict):
+            raise ModelLoadError(path, "config.json does not hold a JSON object")
         for name in (*_REQUIRED, "model_type"):
             if config.get(name) is None:
                 raise ModelLoadError(path, f"{name}: missing from config.json")

@@ -83,7 +83,8 @@ def byte_level_bpe(
     metadata: dict[str, Any], tokens: list[str], token_types: list[int], path: str | Path
 ) -> Backend:
     """GPT-2 style BPE over bytes, split first by the regexes of `tokenizer.ggml.pre`."""
-    merges = required_key(metadata, "tokenizer.ggml.merges", path)
+    required_key(metadata, "tokenizer.ggml.merges", path)
+    merges = list_of(metadata, "tokenizer.ggml.merges", str, path)
     alphabet = _bytes_to_unicode()
     spelled = set(alphabet.values())
     vocab = {}
@@ -92,6 +93,8 @@ def byte_level_bpe(
             token = "".join(alphabet[b] for b in token.encode())  # stored as text, not bytes
         vocab[token] = i
     pre = metadata.get("tokenizer.ggml.pre", "default")
+    if not isinstance(pre, str):
+        raise ModelLoadError(path, f"tokenizer.ggml.pre: {pre!r} is not a name")
     if pre not in _PRE_TOKENIZERS:
         logger.warning("%s: unknown tokenizer.ggml.pre %r, splitting text as GPT-2 does", path, pre)
     regexes, ignore_merges = _PRE_TOKENIZERS.get(pre, ((_GPT2,), False))
@@ -109,13 +112,13 @@ def sentencepiece_bpe(metadata: dict[str, Any], tokens: list[str], path: str | P
 
     Like llama.cpp, a space is prepended to every run of text, the one after a special token too.
     """
-    scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    scores = list_of(metadata, "tokenizer.ggml.scores", int | float, path) or [0.0] * len(tokens)
     if len(scores) != len(tokens):
         raise ModelLoadError(
             path, "tokenizer.ggml.scores and tokenizer.ggml.tokens differ in length"
         )
     if "tokenizer.ggml.merges" in metadata:
-        merges = [_split_merge(m) for m in metadata["tokenizer.ggml.merges"]]
+        merges = [_split_merge(m) for m in list_of(metadata, "tokenizer.ggml.merges", str, path)]
     else:
         merges = _merges_from_scores(tokens, scores)
     unk = token_at(tokens, metadata.get("tokenizer.ggml.unknown_token_id"))
@@ -134,9 +137,13 @@ def sentencepiece_bpe(metadata: dict[str, Any], tokens: list[str], path: str | P
 def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
     """Every split of a token into two tokens, best merged score first (transformers' order)."""
     vocab = {token: i for i, token in enumerate(tokens)}
+    # Only cuts into two lengths some token has: splitting a long token at every point made
+    # len(token)**2 bytes of strings (one 20 kB token in a file: 380 MB).
+    lengths = {len(token) for token in vocab}
     ranked = []
     for token, score in dict(zip(tokens, scores, strict=True)).items():
-        pairs = [(token[:k], token[k:]) for k in range(1, len(token))]
+        cuts = (k for k in range(1, len(token)) if k in lengths and len(token) - k in lengths)
+        pairs = [(token[:k], token[k:]) for k in cuts]
         pairs = sorted(
             (p for p in pairs if p[0] in vocab and p[1] in vocab),
             key=lambda p: (vocab[p[0]], vocab[p[1]]),
@@ -167,6 +174,15 @@ def _bytes_to_unicode() -> dict[int, str]:
 def _split_merge(merge: str) -> tuple[str, str]:
     cut = merge.find(" ", 1)  # from 1, as llama.cpp: a merge's left part may be a space
     return merge[:cut], merge[cut + 1 :]
+
+
+def list_of(metadata: dict[str, Any], key: str, kind: Any, path: str | Path) -> list[Any]:
+    """`metadata[key]` ([] if absent), checked to be a list of `kind`: a GGUF file may hold
+    any type under any key."""
+    value = metadata.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, kind) for v in value):
+        raise ModelLoadError(path, f"{key}: not a list of {getattr(kind, '__name__', kind)}")
+    return value
 
 
 def required_key(metadata: dict[str, Any], key: str, path: str | Path) -> Any:

@@ -20,6 +20,7 @@ from ladle.engine.loading.gguf_vocab import (
     PRE_ADDS_BOS,
     add_control_tokens,
     byte_level_bpe,
+    list_of,
     required_key,
     sentencepiece_bpe,
     token_at,
@@ -79,23 +80,29 @@ class Tokenizer:
     def from_gguf(cls, metadata: dict[str, Any], path: str | Path) -> Tokenizer:
         """The tokenizer a GGUF's `tokenizer.*` metadata describes; `path` is named in errors."""
         kind = metadata.get("tokenizer.ggml.model")
-        tokens = required_key(metadata, "tokenizer.ggml.tokens", path)
-        token_types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        required_key(metadata, "tokenizer.ggml.tokens", path)
+        tokens = list_of(metadata, "tokenizer.ggml.tokens", str, path)
+        token_types = list_of(metadata, "tokenizer.ggml.token_type", int, path) or [1] * len(tokens)
         if len(token_types) != len(tokens):
             raise ModelLoadError(
                 path, "tokenizer.ggml.token_type and tokenizer.ggml.tokens differ in length"
             )
-        if kind == "gpt2":
-            backend = byte_level_bpe(metadata, tokens, token_types, path)
-        elif kind == "llama":
-            backend = sentencepiece_bpe(metadata, tokens, path)
-        elif kind == "bert":
-            backend = wordpiece(tokens)
-        else:
-            raise ModelLoadError(
-                path, f"tokenizer.ggml.model {kind!r} is not supported (gpt2, llama or bert)"
-            )
-        add_control_tokens(backend, tokens, token_types)
+        try:
+            if kind == "gpt2":
+                backend = byte_level_bpe(metadata, tokens, token_types, path)
+            elif kind == "llama":
+                backend = sentencepiece_bpe(metadata, tokens, path)
+            elif kind == "bert":
+                backend = wordpiece(tokens)
+            else:
+                raise ModelLoadError(
+                    path, f"tokenizer.ggml.model {kind!r} is not supported (gpt2, llama or bert)"
+                )
+            add_control_tokens(backend, tokens, token_types)
+        except ModelLoadError:
+            raise
+        except Exception as e:  # tokenizers raises a bare Exception on a vocabulary it rejects
+            raise ModelLoadError(path, f"cannot build the tokenizer ({e})") from e
         pre = metadata.get("tokenizer.ggml.pre", "default")
         default_bos = kind in ("llama", "bert") or pre in PRE_ADDS_BOS
         templates = {

@@ -69,28 +69,38 @@ _BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 def safetensors_weights(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of `model.safetensors`, or of each shard its index lists, by name."""
-    folder = Path(folder)
-    index_path = folder / SAFETENSORS_INDEX
-    if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ModelLoadError(index_path, f"malformed safetensors index ({e})") from e
-        files = sorted(set(weight_map.values()))
-    elif (folder / SAFETENSORS_FILE).is_file():
-        files = [SAFETENSORS_FILE]
-    else:
-        raise ModelLoadError(folder, f"no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}")
-    for file_name in files:
-        path = folder / file_name
-        if not path.is_file():
-            raise ModelLoadError(path, f"shard listed in {SAFETENSORS_INDEX} is missing")
+    for path in _safetensors_files(Path(folder)):
         try:
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                     yield name, f.get_tensor(name)
-        except SafetensorError as e:
+        except (SafetensorError, OSError, TypeError, ValueError, RuntimeError) as e:
+            # safetensors checks the header against the file, but torch may still refuse what
+            # it describes: a zero-size tensor with a dimension of 2**63 is a TypeError
             raise ModelLoadError(path, f"corrupt or truncated safetensors file ({e})") from e
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index_path = folder / SAFETENSORS_INDEX
+    if not index_path.is_file():
+        if (folder / SAFETENSORS_FILE).is_file():
+            return [folder / SAFETENSORS_FILE]
+        raise ModelLoadError(folder, f"no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}")
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:  # ValueError: not JSON, or not UTF-8
+        raise ModelLoadError(index_path, f"malformed safetensors index ({e})") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelLoadError(index_path, "weight_map does not map tensor names to file names")
+    files = []
+    for file_name in sorted(set(weight_map.values())):
+        path = folder / file_name
+        if path.name != file_name or file_name == "..":  # never a file outside the folder
+            raise ModelLoadError(index_path, f"shard {file_name!r} is not a file in the folder")
+        if not path.is_file():
+            raise ModelLoadError(path, f"shard listed in {SAFETENSORS_INDEX} is missing")
+        files.append(path)
+    return files
 
 
 def gguf_weights(
@@ -111,7 +121,7 @@ def gguf_weights(
             raise ModelLoadError(gguf.path, f"tensor '{gguf_name}' has no {arch} counterpart")
         weight: torch.Tensor | GGMLTensor = tensor
         if arch == "llama":
-            weight = _unpermute_qk(hf_name, weight, config)
+            weight = _unpermute_qk(hf_name, weight, config, gguf.path)
         if len(tensor.shape) == 1:
             weight = weight.dequantize() if isinstance(weight, GGMLTensor) else weight
             if arch in _GEMMA and hf_name.endswith("norm.weight"):
@@ -136,7 +146,7 @@ def _hf_name(gguf_name: str, block_names: dict[str, str]) -> str | None:
 
 
 def _unpermute_qk(
-    hf_name: str, weight: torch.Tensor | GGMLTensor, config: ModelConfig
+    hf_name: str, weight: torch.Tensor | GGMLTensor, config: ModelConfig, path: Path
 ) -> torch.Tensor | GGMLTensor:
     """Undo llama.cpp's interleaving of each q/k head's two rotary halves (rows only)."""
     if ".self_attn.q_proj." in hf_name:
@@ -147,6 +157,8 @@ def _unpermute_qk(
     else:
         return weight
     rows = weight.shape[0]
+    if rows % (2 * num_heads):
+        raise ModelLoadError(path, f"{hf_name}: {rows} rows do not split into {num_heads} heads")
     # GGUF row (head, i, half) holds HF row (head, half, i): read HF rows from that layout.
     index = np.arange(rows).reshape(num_heads, rows // num_heads // 2, 2).swapaxes(1, 2)
     index = index.reshape(-1)
