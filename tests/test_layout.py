@@ -30,7 +30,7 @@ MAY_IMPORT = {
     "model": {"cores", "protocol", "engine", "messages", "tools"},
     "builders": {"model", "cores", "engine", "store", "tools"},
     "perplexity": {"model"},
-    "manager": {"protocol"},
+    "manager": {"protocol", "store"},
     "server": {"builders", "model", "cores", "protocol", "engine", "store", "manager", "tools"},
 }
 

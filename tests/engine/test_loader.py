@@ -134,3 +134,20 @@ def test_missing_tensor_names_folder_and_tensor(tmp_path: Path, tiny_folder: Pat
     save_file(tensors, shard, metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match=r"broken.*model\.layers\.1\.mlp\.down_proj"):
         TextModelBuilder(folder).build()
+
+
+def test_a_config_claiming_more_than_its_file_holds_is_refused_before_allocating(
+    tmp_path: Path, tiny_folder: Path
+) -> None:
+    """A header may claim any size: a million-wide model in a few kB file is an error naming
+    the folder, not an attempt to allocate 4 TB."""
+    import shutil
+
+    folder = tmp_path / "claims"
+    shutil.copytree(tiny_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_size=1_000_000, intermediate_size=4_000_000, head_dim=64)
+    config["num_attention_heads"] = config["num_key_value_heads"] = 1_000_000 // 64
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"claims.*describes [\d,]+ weights, more than"):
+        TextModelBuilder(folder).build()

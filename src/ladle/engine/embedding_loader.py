@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -94,7 +95,7 @@ def is_embedding_model(path: Path) -> bool:
             return True
         config = path / "config.json"
         if config.is_file():
-            return json.loads(config.read_text()).get("model_type") in ENCODER_ARCHITECTURES
+            return _is_encoder(_read_config(config))
         path = next(iter(sorted(path.glob("*.gguf"))), path)
     if path.is_file() and path.suffix == ".gguf":
         gguf = read_gguf(path)
@@ -102,15 +103,28 @@ def is_embedding_model(path: Path) -> bool:
     return False
 
 
+def _read_config(config_file: Path) -> dict[str, Any]:
+    """A folder's config.json, which must be a JSON object; else an error naming the file."""
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ModelLoadError(config_file, f"invalid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ModelLoadError(config_file, "not a JSON object")
+    return raw
+
+
+def _is_encoder(raw: dict[str, Any]) -> bool:
+    model_type = raw.get("model_type")
+    return isinstance(model_type, str) and model_type in ENCODER_ARCHITECTURES
+
+
 def _from_folder(
     path: Path, dtype: torch.dtype, request: IsqRequest
 ) -> tuple[BertModel | CausalLM, EmbeddingSpec, int]:
     config_file = path / "config.json"
-    try:
-        raw = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(config_file, f"invalid JSON ({e})") from e
-    if raw.get("model_type") in ENCODER_ARCHITECTURES:
+    raw = _read_config(config_file)
+    if _is_encoder(raw):
         config = EncoderConfig.from_hf(raw, config_file)
         encoder = BertModel(config)
         isq = isq_spec(request, config.architecture)
@@ -136,7 +150,7 @@ def _from_gguf(
         load_checkpoint(model, gguf_weights(gguf, model.config), dtype, gguf.path, isq)
         default, max_len = "last", model.config.max_position_embeddings
     pooling_type = gguf.get("pooling_type") or 0  # 0: none given, the family's default
-    if pooling_type and pooling_type not in _GGUF_POOLING:
+    if not isinstance(pooling_type, int) or (pooling_type and pooling_type not in _GGUF_POOLING):
         raise ModelLoadError(
             gguf.path, f"{gguf.architecture}.pooling_type: {pooling_type} is not supported"
         )

@@ -110,7 +110,29 @@ def _build(config: ModelConfig, path: Path) -> CausalLM:
             f"architecture {config.architecture!r} is not supported "
             f"(supported: {', '.join(sorted(ARCHITECTURES))})",
         )
+    _check_claimed_size(config, path)
     return cls(config)
+
+
+# 2-bit quantizations hold about 3.5 weights a byte; the rest is room for tied and
+# computed tensors, so only a config that claims far more than its file holds is refused
+_MAX_WEIGHTS_PER_BYTE = 16
+
+
+def _check_claimed_size(config: ModelConfig, path: Path) -> None:
+    """Refuse a config that describes far more weights than its file holds, before the model
+    is allocated: a header can claim any size, and the model's tensors follow the config."""
+    files = [path] if path.is_file() else list(path.glob("*.safetensors"))
+    stored = sum(f.stat().st_size for f in files)
+    attention = (config.num_attention_heads + config.num_key_value_heads) * config.head_dim
+    per_layer = (
+        2 * config.hidden_size * attention + 3 * config.hidden_size * config.intermediate_size
+    )
+    claimed = config.vocab_size * config.hidden_size + config.num_hidden_layers * per_layer
+    if claimed > _MAX_WEIGHTS_PER_BYTE * max(stored, 1):
+        raise ModelLoadError(
+            path, f"its config describes {claimed:,} weights, more than its {stored:,} bytes hold"
+        )
 
 
 def load_checkpoint(

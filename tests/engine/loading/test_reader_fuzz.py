@@ -31,12 +31,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from ladle.engine.embedding_loader import is_embedding_model
 from ladle.engine.loading.config import GGUF_ARCHITECTURES, ModelConfig
 from ladle.engine.loading.encoder_config import EncoderConfig
 from ladle.engine.loading.gguf import read_gguf
 from ladle.engine.loading.tokenizer import Tokenizer
 from ladle.engine.loading.weights import gguf_encoder_weights, gguf_weights, safetensors_weights
 from ladle.engine.quant.ggml import GGMLTensor
+from ladle.engine.quant.hf_gguf import _checkpoint_names
 from ladle.errors import ModelLoadError
 
 _MEMORY_BOUND = 64 << 20
@@ -734,6 +736,9 @@ def test_safetensors_index_regressions(sharded: Path, index: bytes) -> None:
     _place(sharded, "model.safetensors.index.json", index)
     error = _expect_clean(lambda: _names_inside(sharded), str(sharded))
     assert error is not None
+    # the folder-to-GGUF writer reads the same index through the same checks
+    error = _expect_clean(lambda: _checkpoint_names(sharded), str(sharded))
+    assert error is not None
 
 
 @pytest.mark.parametrize(
@@ -762,3 +767,24 @@ def test_config_regressions(encoder: bool, raw: Any, reason: str) -> None:
     reader = EncoderConfig.from_hf if encoder else ModelConfig.from_hf
     error = _expect_clean(lambda: reader(raw, "/m/config.json"), "/m/config.json")
     assert error is not None and reason in str(error)
+
+
+@pytest.mark.parametrize(
+    ("config", "encoder"),
+    [
+        (b"null", None),  # AttributeError before
+        (b"[1]", None),
+        (b"\xff", None),  # UnicodeDecodeError
+        (b'{"model_type": ["bert"]}', False),  # unhashable: TypeError before
+        (b'{"model_type": "bert"}', True),
+    ],
+)
+def test_embedding_model_detection_reads_any_config(
+    tmp_path: Path, config: bytes, encoder: bool | None
+) -> None:
+    (tmp_path / "config.json").write_bytes(config)
+    if encoder is None:
+        with pytest.raises(ModelLoadError, match=r"config\.json"):
+            is_embedding_model(tmp_path)
+    else:
+        assert is_embedding_model(tmp_path) is encoder

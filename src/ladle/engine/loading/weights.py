@@ -86,21 +86,27 @@ def _safetensors_files(folder: Path) -> list[Path]:
         if (folder / SAFETENSORS_FILE).is_file():
             return [folder / SAFETENSORS_FILE]
         raise ModelLoadError(folder, f"no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}")
+    return sorted(set(read_weight_map(index_path).values()))
+
+
+def read_weight_map(index_path: Path) -> dict[str, Path]:
+    """A sharded checkpoint's index: each tensor name and the shard holding it, every shard
+    checked to be a file in the index's own folder (never `../` nor an absolute path)."""
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
     except (ValueError, KeyError, TypeError) as e:  # ValueError: not JSON, or not UTF-8
         raise ModelLoadError(index_path, f"malformed safetensors index ({e})") from e
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ModelLoadError(index_path, "weight_map does not map tensor names to file names")
-    files = []
-    for file_name in sorted(set(weight_map.values())):
-        path = folder / file_name
+    shards = {}
+    for file_name in set(weight_map.values()):
+        path = index_path.parent / file_name
         if path.name != file_name or file_name == "..":  # never a file outside the folder
             raise ModelLoadError(index_path, f"shard {file_name!r} is not a file in the folder")
         if not path.is_file():
             raise ModelLoadError(path, f"shard listed in {SAFETENSORS_INDEX} is missing")
-        files.append(path)
-    return files
+        shards[file_name] = path
+    return {name: shards[file_name] for name, file_name in weight_map.items()}
 
 
 def gguf_weights(

@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from ladle.engine.loading.config import ModelConfig
 from ladle.engine.loading.encoder_config import EncoderConfig
 from ladle.engine.loading.sentence_transformers import read_embedding_spec
-from ladle.engine.loading.weights import SAFETENSORS_FILE, SAFETENSORS_INDEX
+from ladle.engine.loading.weights import SAFETENSORS_FILE, SAFETENSORS_INDEX, read_weight_map
 from ladle.engine.quant.hf_vocab import write_tokenizer
 from ladle.errors import ModelLoadError, UnsupportedArchitectureError
 
@@ -218,11 +218,7 @@ def _checkpoint_names(folder: Path) -> dict[str, Path]:
     """Every tensor name of the checkpoint and the shard file holding it."""
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ModelLoadError(index, f"malformed safetensors index ({e})") from e
-        return {name: folder / file for name, file in weight_map.items()}
+        return read_weight_map(index)
     if not (folder / SAFETENSORS_FILE).is_file():
         raise ModelLoadError(folder, f"no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}")
     with _open(folder / SAFETENSORS_FILE) as f:
