@@ -40,7 +40,7 @@ from ladle.engine.quant.search import (
 
 Q = GGMLQuantizationType
 Quantizer = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (rows, imatrix) -> bytes
-_SLICE_ELEMENTS = 1 << 20  # rows per slice: about 4 MB of fp32 input, ~100 MB of temporaries
+_SLICE_ELEMENTS = 1 << 17  # rows per slice: 512 kB of fp32 input, its temporaries in cache
 
 
 def quantize(
