@@ -67,6 +67,22 @@ def minilm_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def piper_voice_path() -> Path:
+    """Folder of the Piper voice en_US-joe-medium (`.onnx` + `.onnx.json`, 63 MB), the built-in
+    catalog's speech model, downloaded once per machine."""
+    entry = Catalog.load().get("piper-en-us-joe-medium")
+    return download_model(entry, ModelCache(_test_cache_dir()))
+
+
+@pytest.fixture(scope="session")
+def whisper_tiny_path() -> Path:
+    """Folder of Whisper tiny.en as CTranslate2 fp16 (`model.bin`, `config.json`,
+    `tokenizer.json`, 75 MB), the built-in catalog's transcription model."""
+    entry = Catalog.load().get("whisper-tiny-en")
+    return download_model(entry, ModelCache(_test_cache_dir()))
+
+
+@pytest.fixture(scope="session")
 def minilm_gguf_vocab(minilm_path: Path) -> dict[str, Any]:
     """MiniLM's vocabulary as the GGUF metadata llama.cpp's convert_hf_to_gguf.py writes."""
     reference = HFTokenizer.from_file(str(minilm_path / "tokenizer.json"))

@@ -172,7 +172,7 @@ BAD_ENTRIES = [
     (lambda e: e["files"][0].update(source="hf://org/m.gguf"), r"hf://org/repo\[@revision\]/path"),
     (lambda e: e["files"][0].update(source="pypi://pkg/m.gguf"), "pypi://package==version"),
     (lambda e: e["files"][0].update(name="../evil.gguf"), "must be a relative path"),
-    (lambda e: e.update(format="onnx"), "format: 'onnx' is not one of"),
+    (lambda e: e.update(format="pickle"), "format: 'pickle' is not one of"),
     (lambda e: e.update(context_length="4k"), "context_length: expected int"),
     (lambda e: e.update(supports_tool_calling=1), "supports_tool_calling: expected bool"),
     (lambda e: e.update(entry_file="other.gguf"), "not one of the files"),

@@ -14,8 +14,11 @@ from ladle.builders import (
     EmbeddingModelBuilder,
     GgufModelBuilder,
     MultiModelBuilder,
+    SpeechModelBuilder,
     TextModelBuilder,
+    TranscriptionModelBuilder,
 )
+from ladle.cores.speech import SpeechOutput
 from ladle.cores.text import ModelInfo
 from ladle.errors import (
     ContextLengthError,
@@ -38,6 +41,7 @@ from ladle.messages import (
     TextMessages,
 )
 from ladle.model import AsyncModel, Model
+from ladle.protocol.audio import SpeechRequest, Transcription, VerboseTranscription
 from ladle.protocol.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -113,6 +117,9 @@ __all__ = [
     "RequestBuilder",
     "ServerTool",
     "ServiceError",
+    "SpeechModelBuilder",
+    "SpeechOutput",
+    "SpeechRequest",
     "StoredFile",
     "StructuredOutputError",
     "TextMessageRole",
@@ -121,8 +128,11 @@ __all__ = [
     "ToolFile",
     "ToolOutput",
     "Toolbox",
+    "Transcription",
+    "TranscriptionModelBuilder",
     "UnsupportedArchitectureError",
     "UnsupportedTensorTypeError",
+    "VerboseTranscription",
     "load_mcp_config",
     "tool",
 ]

@@ -1,5 +1,6 @@
-"""Model builders with mistral.rs's names: `TextModelBuilder`, `GgufModelBuilder` and
-`EmbeddingModelBuilder`.
+"""Model builders with mistral.rs's names: `TextModelBuilder`, `GgufModelBuilder`,
+`EmbeddingModelBuilder`, `SpeechModelBuilder`, `TranscriptionModelBuilder` and
+`MultiModelBuilder`.
 
 A builder collects options with chained `with_*` calls and loads on `build()` (blocking,
 returns `Model`) or `await build_async()` (loads on a worker thread, returns `AsyncModel`).
@@ -13,13 +14,15 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import torch
 
 from ladle import envconfig
 from ladle.cores.embedding import EmbeddingCore
+from ladle.cores.speech import SpeechCore
 from ladle.cores.text import ModelCore
+from ladle.cores.transcription import DEFAULT_MAX_AUDIO_SECONDS, TranscriptionCore
 from ladle.devices import cgroup_cpu_quota
 from ladle.engine.embedding_loader import LoadedEmbedder, load_embedder
 from ladle.engine.kernels import native
@@ -27,12 +30,16 @@ from ladle.engine.kv_cache import DEFAULT_KV_CACHE_DTYPE, parse_kv_cache_dtype
 from ladle.engine.loader import LoadedModel, load_model
 from ladle.engine.quant.isq import parse_isq_type
 from ladle.errors import InvalidRequestError, ModelLoadError
-from ladle.model import AsyncModel, Model, Models
+from ladle.model import AsyncModel, Core, Model, ModelBuilder, Models
 from ladle.store.catalog import resolve
 from ladle.tools.callbacks import ServerTool, tool_callback
 from ladle.tools.mcp import McpClientConfig
 from ladle.tools.runtime import DEFAULT_MAX_TOOL_ROUNDS, DEFAULT_TOOL_TIMEOUT_SECS, Toolbox
 from ladle.tools.sessions import SessionLimits
+
+if TYPE_CHECKING:
+    from ladle.engine.speech import LoadedVoice
+    from ladle.engine.transcriber import LoadedWhisper
 
 _DTYPES = {
     "auto": torch.float32,
@@ -160,23 +167,26 @@ class _AgentOptions:
         return toolbox, True
 
 
-class _Builder(_AgentOptions):
+class _ModelOptions:
+    """What every builder sets: the model's path or alias, its name, its threads and dtype."""
+
     def __init__(self, path: Path) -> None:
-        super().__init__()
         self.path = path
-        self.dtype: torch.dtype = torch.float32
-        self.device = "cpu"
-        self.max_num_seqs = 16
-        self.max_seq_len: int | None = None
-        self.kv_cache_tokens: int | None = None
-        self.kv_cache_dtype = DEFAULT_KV_CACHE_DTYPE
         self.model_id: str | None = None
-        self.chat_template: str | None = None
-        self.tokenizer_path: str | None = None
         self.num_threads: int | None = None
-        self.isq: str | None = None
-        self.imatrix: str | None = None
-        self.compile = envconfig.compile_models()
+        self.dtype: torch.dtype = torch.float32
+
+    def with_model_id(self, model_id: str) -> Self:
+        """The name responses carry in their `model` field (default: the file or folder name)."""
+        self.model_id = model_id
+        return self
+
+    def with_num_threads(self, num_threads: int) -> Self:
+        """CPU threads for the model's kernels (default: the cores this process may use)."""
+        if num_threads < 1:
+            raise InvalidRequestError("must be >= 1", "num_threads")
+        self.num_threads = num_threads
+        return self
 
     def with_dtype(self, dtype: str | torch.dtype) -> Self:
         """Compute dtype: "auto" (float32 on CPU), "f32", "bf16" or "f16"."""
@@ -187,6 +197,26 @@ class _Builder(_AgentOptions):
         else:
             raise InvalidRequestError(f"unknown dtype {dtype!r} ({', '.join(_DTYPES)})", "dtype")
         return self
+
+    def with_logging(self) -> Self:
+        logging.basicConfig(level=logging.INFO)
+        return self
+
+
+class _Builder(_AgentOptions, _ModelOptions):
+    def __init__(self, path: Path) -> None:
+        _AgentOptions.__init__(self)
+        _ModelOptions.__init__(self, path)
+        self.device = "cpu"
+        self.max_num_seqs = 16
+        self.max_seq_len: int | None = None
+        self.kv_cache_tokens: int | None = None
+        self.kv_cache_dtype = DEFAULT_KV_CACHE_DTYPE
+        self.chat_template: str | None = None
+        self.tokenizer_path: str | None = None
+        self.isq: str | None = None
+        self.imatrix: str | None = None
+        self.compile = envconfig.compile_models()
 
     def with_device(self, device: str) -> Self:
         if device != "cpu":
@@ -228,11 +258,6 @@ class _Builder(_AgentOptions):
         self.max_seq_len = max_seq_len
         return self
 
-    def with_model_id(self, model_id: str) -> Self:
-        """The name responses carry in their `model` field (default: the file or folder name)."""
-        self.model_id = model_id
-        return self
-
     def with_chat_template(self, template: str) -> Self:
         """Override the chat template: Jinja text, a `.jinja` file or a tokenizer_config.json."""
         self.chat_template = template
@@ -241,13 +266,6 @@ class _Builder(_AgentOptions):
     def with_tokenizer_json(self, folder: str) -> Self:
         """Use the tokenizer in this folder instead of the model's own."""
         self.tokenizer_path = folder
-        return self
-
-    def with_num_threads(self, num_threads: int) -> Self:
-        """CPU threads for the model's kernels (default: the cores this process may use)."""
-        if num_threads < 1:
-            raise InvalidRequestError("must be >= 1", "num_threads")
-        self.num_threads = num_threads
         return self
 
     def with_isq(self, isq_type: str | int) -> Self:
@@ -282,10 +300,6 @@ class _Builder(_AgentOptions):
         decodes faster than a compiled one and the compiler's ~180 MB stay out of the
         process."""
         self.compile = enabled
-        return self
-
-    def with_logging(self) -> Self:
-        logging.basicConfig(level=logging.INFO)
         return self
 
     def _start(self, model_id: str | None = None) -> ModelCore | EmbeddingCore:
@@ -397,6 +411,74 @@ class EmbeddingModelBuilder(_Builder):
         )
 
 
+class _AudioBuilder(_ModelOptions):
+    """What the audio builders share. An audio model runs one request's work at a time on
+    its own thread (no KV cache, no batching), so it has none of the text builders' engine
+    settings."""
+
+    def __init__(self, path_or_alias: str | os.PathLike[str]) -> None:
+        super().__init__(Path(path_or_alias).expanduser())
+
+    def _start(self, model_id: str | None = None) -> SpeechCore | TranscriptionCore:
+        raise NotImplementedError
+
+    def _threads(self) -> None:
+        torch.set_num_threads(self.num_threads or available_cores())
+
+    def build(self) -> Model:
+        """Load the model and start its worker thread."""
+        return Model(Models.of(self._start(), self))
+
+    async def build_async(self) -> AsyncModel:
+        """Load the model on a worker thread and return its asyncio interface."""
+        return AsyncModel(Models.of(await asyncio.to_thread(self._start), self))
+
+
+class SpeechModelBuilder(_AudioBuilder):
+    """Build a text-to-speech voice from a local path (a Piper voice: its `.onnx` with the
+    `.onnx.json` beside it, or their folder) or a catalog alias (`"piper-en-us-joe-medium"`,
+    fetched once). Speaking needs espeak-ng (`apt-get install espeak-ng`) for phonemes."""
+
+    def _start(self, model_id: str | None = None) -> SpeechCore:
+        self.path = resolve(str(self.path))
+        return SpeechCore.start(self._load, model_id or self.model_id or self.path.name)
+
+    def _load(self) -> LoadedVoice:
+        from ladle.engine.speech import load_voice  # reads ONNX: imported when a voice loads
+
+        self._threads()
+        return load_voice(self.path, dtype=self.dtype)
+
+
+class TranscriptionModelBuilder(_AudioBuilder):
+    """Build a speech recognizer from a local path (a Whisper model as CTranslate2 saves it:
+    `model.bin`, `config.json`, `tokenizer.json`, as faster-whisper uses) or a catalog alias
+    (`"whisper-tiny-en"`, fetched once)."""
+
+    def __init__(self, path_or_alias: str | os.PathLike[str]) -> None:
+        super().__init__(path_or_alias)
+        self.max_audio_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS
+
+    def with_max_audio_seconds(self, seconds: float | None) -> Self:
+        """The longest audio a request may bring (default 4 hours; None: no limit)."""
+        if seconds is not None and seconds <= 0:
+            raise InvalidRequestError("must be positive", "max_audio_seconds")
+        self.max_audio_seconds = seconds
+        return self
+
+    def _start(self, model_id: str | None = None) -> TranscriptionCore:
+        self.path = resolve(str(self.path))
+        return TranscriptionCore.start(
+            self._load, model_id or self.model_id or self.path.name, self.max_audio_seconds
+        )
+
+    def _load(self) -> LoadedWhisper:
+        from ladle.engine.transcriber import load_whisper  # imported when a model loads
+
+        self._threads()
+        return load_whisper(self.path, dtype=self.dtype)
+
+
 class MultiModelBuilder(_AgentOptions):
     """Several models behind one `Model` (mistral.rs's `MultiModelBuilder`): each is loaded by
     its own builder and keeps its own engine and thread; a call picks one with `model_id=`, or
@@ -405,10 +487,10 @@ class MultiModelBuilder(_AgentOptions):
 
     def __init__(self) -> None:
         super().__init__()
-        self._entries: list[tuple[_Builder, str | None]] = []
+        self._entries: list[tuple[ModelBuilder, str | None]] = []
         self._default: str | None = None
 
-    def add_model(self, builder: _Builder, alias: str | None = None) -> Self:
+    def add_model(self, builder: ModelBuilder, alias: str | None = None) -> Self:
         """Add a model, known by `alias` (default: the builder's model id, or its file name)."""
         self._entries.append((builder, alias))
         return self
@@ -419,7 +501,7 @@ class MultiModelBuilder(_AgentOptions):
 
     def build(self) -> Model:
         """Load every model in turn; if one fails, those already loaded are closed again."""
-        cores: list[ModelCore | EmbeddingCore] = []
+        cores: list[Core] = []
         try:
             for builder, alias in self._entries:
                 cores.append(builder._start(alias))
@@ -431,7 +513,7 @@ class MultiModelBuilder(_AgentOptions):
 
     async def build_async(self) -> AsyncModel:
         """`build`, each model loaded on a worker thread; returns the asyncio interface."""
-        cores: list[ModelCore | EmbeddingCore] = []
+        cores: list[Core] = []
         try:
             for builder, alias in self._entries:
                 cores.append(await asyncio.to_thread(builder._start, alias))
@@ -442,9 +524,7 @@ class MultiModelBuilder(_AgentOptions):
                 await asyncio.to_thread(core.engine.close)
             raise
 
-    def _registry(
-        self, cores: list[ModelCore | EmbeddingCore], toolbox: Toolbox, owned: bool
-    ) -> Models:
+    def _registry(self, cores: list[Core], toolbox: Toolbox, owned: bool) -> Models:
         if not cores:
             raise InvalidRequestError("MultiModelBuilder has no models: call add_model first")
         models = Models(toolbox, owned)

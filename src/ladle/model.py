@@ -18,22 +18,27 @@ import json
 import queue
 import threading
 import weakref
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, overload
 
+import numpy as np
 import torch
 from pydantic import BaseModel
 
 from ladle.cores.embedding import EmbeddingCore, EmbeddingInput
 from ladle.cores.responses import Accumulator, completion_chunk
+from ladle.cores.speech import SpeechCore, SpeechInput, SpeechOutput, audio_delta, audio_done
 from ladle.cores.structured import parse_structured, structured_request
 from ladle.cores.text import ChatInput, CompletionInput, ModelCore, ModelInfo
+from ladle.cores.transcription import AudioInput, TranscriptionCore
 from ladle.engine.engine import EngineStats, RequestHandle
+from ladle.engine.loading.tokenizer import Tokenizer
 from ladle.engine.sampling import SamplingParams
 from ladle.engine.sequence import TokenEvent
 from ladle.errors import InvalidRequestError, ModelNotFoundError
 from ladle.messages import TextMessages
+from ladle.protocol.audio import TranscriptionForm, VerboseTranscription
 from ladle.protocol.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -48,6 +53,7 @@ from ladle.tools.files import StoredFile
 from ladle.tools.runtime import AgentRun, Toolbox
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 class _ThreadSink:
@@ -109,26 +115,35 @@ class _AsyncSink:
         self.mailbox.post(self.queue, error)
 
 
-def _text_core(core: ModelCore | EmbeddingCore) -> ModelCore:
-    if isinstance(core, EmbeddingCore):
-        raise InvalidRequestError(
-            f"model {core.model_id!r} is an embedding model: it cannot chat or complete text",
-            param="model",
-        )
-    return core
+Core = ModelCore | EmbeddingCore | SpeechCore | TranscriptionCore
+C = TypeVar("C", ModelCore, EmbeddingCore, SpeechCore, TranscriptionCore)
+# what each kind of model does, and which builder or catalog task gives one, for errors
+_KINDS: dict[type[Any], tuple[str, str]] = {
+    ModelCore: ("a text model", "TextModelBuilder, or a catalog entry with task 'chat-completion'"),
+    EmbeddingCore: (
+        "an embedding model",
+        "EmbeddingModelBuilder, or a catalog entry with task 'embeddings'",
+    ),
+    SpeechCore: (
+        "a text-to-speech voice",
+        "SpeechModelBuilder, or a catalog entry with task 'text-to-speech'",
+    ),
+    TranscriptionCore: (
+        "a speech recognizer",
+        "TranscriptionModelBuilder, or a catalog entry with task 'automatic-speech-recognition'",
+    ),
+}
 
 
-def _embedding_core(core: ModelCore | EmbeddingCore) -> EmbeddingCore:
-    if isinstance(core, ModelCore):
-        raise InvalidRequestError(
-            f"model {core.model_id!r} generates text and gives no embeddings; load an "
-            "embedding model (EmbeddingModelBuilder, or a catalog entry with task 'embeddings')",
-            param="model",
-        )
-    return core
-
-
-Core = ModelCore | EmbeddingCore
+def _of_kind(core: Core, kind: type[C], wanted: str) -> C:
+    """`core` if it is a `kind`, else an error naming the model, what it is and what to load."""
+    if isinstance(core, kind):
+        return core
+    what, how = _KINDS[type(core)][0], _KINDS[kind][1]
+    raise InvalidRequestError(
+        f"model {core.model_id!r} is {what}: it cannot {wanted}; load {_KINDS[kind][0]} ({how})",
+        param="model",
+    )
 
 
 class ModelBuilder(Protocol):
@@ -182,10 +197,26 @@ class Models:
             return slot.core
 
     def text(self, model_id: str | None) -> ModelCore:
-        return _text_core(self.get(model_id))
+        return _of_kind(self.get(model_id), ModelCore, "chat or complete text")
 
     def embedder(self, model_id: str | None) -> EmbeddingCore:
-        return _embedding_core(self.get(model_id))
+        return _of_kind(self.get(model_id), EmbeddingCore, "give embeddings")
+
+    def tokenizer(self, model_id: str | None) -> Tokenizer:
+        """The tokenizer of any model that has one (a voice speaks phonemes: it has none)."""
+        core = self.get(model_id)
+        if isinstance(core, SpeechCore):
+            raise InvalidRequestError(
+                f"model {core.model_id!r} is a text-to-speech voice: it has no tokenizer",
+                param="model",
+            )
+        return core.tokenizer
+
+    def voice(self, model_id: str | None) -> SpeechCore:
+        return _of_kind(self.get(model_id), SpeechCore, "speak")
+
+    def transcriber(self, model_id: str | None) -> TranscriptionCore:
+        return _of_kind(self.get(model_id), TranscriptionCore, "transcribe audio")
 
     def ids(self) -> list[str]:
         with self._lock:
@@ -518,6 +549,95 @@ class Model(_Routing):
         inputs = core.prepare(req)
         return core.response(req, inputs, core.engine.submit(inputs).result())
 
+    # ---- speech (a text-to-speech voice)
+
+    def generate_speech(
+        self,
+        text: str,
+        *,
+        voice: str = "default",
+        speed: float = 1.0,
+        seed: int | None = None,
+        model_id: str | None = None,
+    ) -> SpeechOutput:
+        """`text` spoken: `pcm, sample_rate, channels = model.generate_speech(...)` (mistral.rs's
+        order; `pcm` a float32 array). `.save("hello.wav")` writes it to a file."""
+        core = self._models.voice(model_id)
+        plan = core.plan(core.request(text, voice=voice, speed=speed, seed=seed))
+        pieces = [core.engine.run(functools.partial(core.speak, plan, i)) for i in plan]
+        return SpeechOutput(np.concatenate(pieces), core.voice.sample_rate, 1)
+
+    def send_speech_request(self, request: SpeechInput, *, model_id: str | None = None) -> bytes:
+        """The audio file `POST /v1/audio/speech` answers with, in the request's
+        `response_format` (mp3 by default, as OpenAI's)."""
+        return b"".join(self.stream_speech_request(request, model_id=model_id))
+
+    def stream_speech_request(
+        self, request: SpeechInput, *, model_id: str | None = None
+    ) -> Iterator[bytes]:
+        """The audio's bytes as they are spoken: WAV and PCM sentence by sentence, the other
+        formats after the last one; with `stream_format: "sse"`, OpenAI's speech events.
+        A bad request raises here, before the first byte."""
+        core = self._models.voice(model_id)
+        plan = core.plan(core.request(request))
+        encoder = core.encoder(plan.request)
+        sse = plan.request.stream_format == "sse"
+
+        def chunks() -> Iterator[bytes]:
+            for i in plan:
+                piece = encoder.feed(core.engine.run(functools.partial(core.speak, plan, i)))
+                if piece:
+                    yield audio_delta(piece) if sse else piece
+            tail = encoder.finish()
+            if tail:
+                yield audio_delta(tail) if sse else tail
+            if sse:
+                yield audio_done(plan)
+
+        return chunks()
+
+    # ---- transcription (a speech recognizer)
+
+    def transcribe(
+        self,
+        audio: AudioInput,
+        *,
+        sample_rate: int | None = None,
+        language: str | None = None,
+        timestamps: bool = False,
+        prompt: str | None = None,
+        temperature: float = 0.0,
+        task: str = "transcribe",
+        model_id: str | None = None,
+    ) -> VerboseTranscription:
+        """The text of `audio`: a path, a file's bytes (WAV, FLAC, OGG, MP3; more with ffmpeg)
+        or an array at `sample_rate`, of any rate and length. `timestamps` has Whisper time
+        its segments (else each 30-s window is one segment); `task="translate"` gives
+        English from another language (multilingual models)."""
+        core = self._models.transcriber(model_id)
+        form = core.form({"language": language, "prompt": prompt, "temperature": temperature})
+        core.check_task(form, task)
+        samples = core.audio(audio, sample_rate)
+        transcript = core.engine.run(lambda: core.run(samples, form, task, timestamps))
+        return core.verbose(transcript, task)
+
+    def send_transcription_request(
+        self,
+        audio: AudioInput,
+        fields: TranscriptionForm | dict[str, Any],
+        *,
+        task: str = "transcribe",
+        model_id: str | None = None,
+    ) -> tuple[str, str]:
+        """What `POST /v1/audio/transcriptions` (or `translations`) answers: the body, in the
+        form's `response_format`, and its media type."""
+        core = self._models.transcriber(model_id)
+        form = core.form(fields)
+        core.check_task(form, task)
+        samples = core.audio(audio)
+        transcript = core.engine.run(lambda: core.run(samples, form, task))
+        return core.response(transcript, form, task)
+
     # ---- tokens and facts
 
     def tokenize(
@@ -532,7 +652,7 @@ class Model(_Routing):
     ) -> list[int]:
         """Token ids of a text, or of messages rendered through the chat template."""
         if isinstance(text_or_messages, str):  # any model's tokenizer
-            tokenizer = self._models.get(model_id).tokenizer
+            tokenizer = self._models.tokenizer(model_id)
             return tokenizer.encode(text_or_messages, add_special_tokens)
         return self._models.text(model_id).tokenize(
             text_or_messages,
@@ -545,7 +665,7 @@ class Model(_Routing):
     def detokenize(
         self, ids: list[int], *, skip_special_tokens: bool = False, model_id: str | None = None
     ) -> str:
-        tokenizer = self._models.get(model_id).tokenizer
+        tokenizer = self._models.tokenizer(model_id)
         return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def config(self, model_id: str | None = None) -> ModelInfo:
@@ -681,6 +801,17 @@ def _drain(handle: RequestHandle, n: int, get: Any) -> Iterator[TokenEvent]:
     finally:
         if finished < n:
             handle.abort()
+
+
+async def _on_worker(core: SpeechCore | TranscriptionCore, fn: Callable[[], T]) -> T:
+    """`fn` run on an audio model's worker thread, awaited; a caller that goes away takes its
+    call out of the queue if it has not started."""
+    future = core.engine.submit(fn)
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
 
 
 class AsyncModel(_Routing):
@@ -857,6 +988,87 @@ class AsyncModel(_Routing):
         vectors = await asyncio.wrap_future(core.engine.submit(inputs))
         return core.response(req, inputs, vectors)
 
+    # ---- speech (a text-to-speech voice)
+
+    async def generate_speech(
+        self,
+        text: str,
+        *,
+        voice: str = "default",
+        speed: float = 1.0,
+        seed: int | None = None,
+        model_id: str | None = None,
+    ) -> SpeechOutput:
+        core = self._models.voice(model_id)
+        plan = core.plan(core.request(text, voice=voice, speed=speed, seed=seed))
+        pieces = [await _on_worker(core, functools.partial(core.speak, plan, i)) for i in plan]
+        return SpeechOutput(np.concatenate(pieces), core.voice.sample_rate, 1)
+
+    async def send_speech_request(
+        self, request: SpeechInput, *, model_id: str | None = None
+    ) -> bytes:
+        stream = await self.stream_speech_request(request, model_id=model_id)
+        return b"".join([chunk async for chunk in stream])
+
+    async def stream_speech_request(
+        self, request: SpeechInput, *, model_id: str | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        """Awaiting it checks the request; iterating it speaks, sentence by sentence."""
+        core = self._models.voice(model_id)
+        plan = core.plan(core.request(request))
+        encoder = core.encoder(plan.request)
+        sse = plan.request.stream_format == "sse"
+
+        async def chunks() -> AsyncGenerator[bytes, None]:
+            for i in plan:
+                audio = await _on_worker(core, functools.partial(core.speak, plan, i))
+                piece = encoder.feed(audio)
+                if piece:
+                    yield audio_delta(piece) if sse else piece
+            tail = await asyncio.to_thread(encoder.finish)  # mp3 and the like encode here
+            if tail:
+                yield audio_delta(tail) if sse else tail
+            if sse:
+                yield audio_done(plan)
+
+        return chunks()
+
+    # ---- transcription (a speech recognizer)
+
+    async def transcribe(
+        self,
+        audio: AudioInput,
+        *,
+        sample_rate: int | None = None,
+        language: str | None = None,
+        timestamps: bool = False,
+        prompt: str | None = None,
+        temperature: float = 0.0,
+        task: str = "transcribe",
+        model_id: str | None = None,
+    ) -> VerboseTranscription:
+        core = self._models.transcriber(model_id)
+        form = core.form({"language": language, "prompt": prompt, "temperature": temperature})
+        core.check_task(form, task)
+        samples = await asyncio.to_thread(core.audio, audio, sample_rate)
+        transcript = await _on_worker(core, lambda: core.run(samples, form, task, timestamps))
+        return core.verbose(transcript, task)
+
+    async def send_transcription_request(
+        self,
+        audio: AudioInput,
+        fields: TranscriptionForm | dict[str, Any],
+        *,
+        task: str = "transcribe",
+        model_id: str | None = None,
+    ) -> tuple[str, str]:
+        core = self._models.transcriber(model_id)
+        form = core.form(fields)
+        core.check_task(form, task)
+        samples = await asyncio.to_thread(core.audio, audio)
+        transcript = await _on_worker(core, lambda: core.run(samples, form, task))
+        return core.response(transcript, form, task)
+
     # ---- tokens and facts
 
     async def tokenize(
@@ -870,7 +1082,7 @@ class AsyncModel(_Routing):
         model_id: str | None = None,
     ) -> list[int]:
         if isinstance(text_or_messages, str):  # any model's tokenizer
-            tokenizer = self._models.get(model_id).tokenizer
+            tokenizer = self._models.tokenizer(model_id)
             return tokenizer.encode(text_or_messages, add_special_tokens)
         return self._models.text(model_id).tokenize(
             text_or_messages,
@@ -883,7 +1095,7 @@ class AsyncModel(_Routing):
     async def detokenize(
         self, ids: list[int], *, skip_special_tokens: bool = False, model_id: str | None = None
     ) -> str:
-        tokenizer = self._models.get(model_id).tokenizer
+        tokenizer = self._models.tokenizer(model_id)
         return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     async def config(self, model_id: str | None = None) -> ModelInfo:

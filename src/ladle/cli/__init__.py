@@ -6,6 +6,8 @@ ladle service start|stop|restart|status|ps     manage the background service (se
 ladle model list|info|download|load|unload     the catalog, and models in the service (models.py)
 ladle model register|unregister                local model files under an alias (models.py)
 ladle cache list|location|remove               the downloaded models (models.py)
+ladle speak TEXT --out F.wav                   speak a text with a voice (audio.py)
+ladle transcribe FILE                          write down what an audio file says (audio.py)
 ladle perplexity MODEL FILE                    how well a model predicts a text (perplexity.py)
 ladle quantize SRC --type T --out F.gguf       write a quantized GGUF file (quantize.py)
 """
@@ -16,6 +18,7 @@ import argparse
 import logging
 import sys
 
+from ladle.cli.audio import add_audio
 from ladle.cli.models import add_cache, add_model
 from ladle.cli.perplexity import add_perplexity
 from ladle.cli.quantize import add_quantize
@@ -61,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     add_service(sub)
     add_model(sub)
     add_cache(sub)
+    add_audio(sub)
     add_perplexity(sub)
     add_quantize(sub)
     return parser

@@ -49,9 +49,14 @@ def add_model(sub: Any) -> None:
     unload.set_defaults(func=_model_unload)
     register = group.add_parser("register", help="add a local GGUF file or model folder")
     register.add_argument("alias", help="the name to run it by")
-    register.add_argument("path", type=Path, help="a GGUF file or a Hugging Face model folder")
     register.add_argument(
-        "--task", default="chat-completion", choices=("chat-completion", "embeddings")
+        "path", type=Path, help="a GGUF file, a Hugging Face folder, a Piper .onnx or a Whisper"
+    )
+    register.add_argument(
+        "--task",
+        default="chat-completion",
+        choices=("chat-completion", "embeddings"),
+        help="of a text model (voices and Whispers are known by their files)",
     )
     register.set_defaults(func=_model_register)
     unregister = group.add_parser("unregister", help="forget a registered local model")

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ladle.engine.kv_cache import parse_kv_cache_dtype
 from ladle.errors import InvalidRequestError, LadleError, ServiceError
 from ladle.server.agent_routes import AgentRoutes
+from ladle.server.audio_routes import AudioRoutes
 from ladle.server.errors import handle_exception, unauthorized
 from ladle.server.foundry_routes import FoundryRoutes
 from ladle.server.lifecycle import CatalogResolver, ModelPool
@@ -257,6 +258,7 @@ def create_app(settings: ServerSettings) -> Starlette:
         *OpenAIRoutes(
             pool, metrics, catalog, cache, settings.request_timeout, settings.stall_timeout
         ).routes(),
+        *AudioRoutes(pool, settings.stall_timeout).routes(),
         *FoundryRoutes(settings.url, catalog, cache, pool).routes(),
         *QuantRoutes(pool).routes(),
         *AgentRoutes(toolbox).routes(),

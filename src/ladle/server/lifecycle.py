@@ -31,8 +31,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ladle.builders import EmbeddingModelBuilder, TextModelBuilder
+from ladle.builders import (
+    EmbeddingModelBuilder,
+    SpeechModelBuilder,
+    TextModelBuilder,
+    TranscriptionModelBuilder,
+)
 from ladle.engine.embedding_loader import is_embedding_model
+from ladle.engine.speech import is_voice
+from ladle.engine.transcriber import is_whisper
 from ladle.errors import ModelNotFoundError
 from ladle.model import AsyncModel
 from ladle.server.errors import CapacityError, ModelBusyError, OverloadedError
@@ -43,6 +50,9 @@ from ladle.tools.runtime import Toolbox
 
 logger = logging.getLogger(__name__)
 
+AnyBuilder = (
+    TextModelBuilder | EmbeddingModelBuilder | SpeechModelBuilder | TranscriptionModelBuilder
+)
 MB = 1 << 20
 TTL_CHECK_INTERVAL = 1.0  # seconds between looks for models idle past their TTL
 
@@ -50,16 +60,24 @@ TTL_CHECK_INTERVAL = 1.0  # seconds between looks for models idle past their TTL
 @dataclass(frozen=True, slots=True)
 class ModelSource:
     """A model the service can load: its id, the path the engine reads, its size on disk, and
-    its catalog task ("embeddings" loads it as an embedding model)."""
+    its catalog task (which builder loads it)."""
 
     model_id: str
     path: Path
     size_bytes: int
     task: str = "chat-completion"
 
-    def is_embedding(self) -> bool:
-        """By the catalog's word, or for a local path, by what the files hold."""
-        return self.task == "embeddings" or is_embedding_model(self.path)
+    def kind(self) -> str:
+        """Its task, by the catalog's word, or for a local path, by what the files hold."""
+        if self.task != "chat-completion":
+            return self.task
+        if is_embedding_model(self.path):
+            return "embeddings"
+        if is_voice(self.path):
+            return "text-to-speech"
+        if is_whisper(self.path):
+            return "automatic-speech-recognition"
+        return self.task
 
 
 class CatalogResolver:
@@ -289,20 +307,7 @@ class ModelPool:
         try:
             logger.info("loading %s from %s", source.model_id, source.path)
             started = time.perf_counter()
-            if source.is_embedding():
-                builder: EmbeddingModelBuilder | TextModelBuilder
-                builder = EmbeddingModelBuilder(source.path)
-            else:
-                builder = TextModelBuilder(source.path).with_max_num_seqs(self._max_num_seqs)
-                if self._kv_cache_tokens is not None:
-                    builder = builder.with_kv_cache_tokens(self._kv_cache_tokens)
-                if self._kv_cache_dtype is not None:
-                    builder = builder.with_kv_cache_dtype(self._kv_cache_dtype)
-            if self._num_threads is not None:
-                builder = builder.with_num_threads(self._num_threads)
-            if self._toolbox is not None:
-                builder = builder.with_toolbox(self._toolbox)
-            model = await builder.with_model_id(source.model_id).build_async()
+            model = await self._builder(source).with_model_id(source.model_id).build_async()
             seconds = time.perf_counter() - started
             logger.info("loaded %s in %.1fs", source.model_id, seconds)
             self._metrics.observe_load(source.model_id, seconds)
@@ -312,6 +317,31 @@ class ModelPool:
         self._loaded[source.model_id] = resident
         self._failed.pop(source.model_id, None)
         return resident
+
+    def _builder(self, source: ModelSource) -> AnyBuilder:
+        """The builder for `source`'s kind, with the service's settings."""
+        kind = source.kind()
+        builder: AnyBuilder
+        if kind == "text-to-speech":
+            builder = SpeechModelBuilder(source.path)
+        elif kind == "automatic-speech-recognition":
+            builder = TranscriptionModelBuilder(source.path)
+        elif kind == "embeddings":
+            builder = EmbeddingModelBuilder(source.path)
+        else:
+            builder = TextModelBuilder(source.path).with_max_num_seqs(self._max_num_seqs)
+            if self._kv_cache_tokens is not None:
+                builder = builder.with_kv_cache_tokens(self._kv_cache_tokens)
+            if self._kv_cache_dtype is not None:
+                builder = builder.with_kv_cache_dtype(self._kv_cache_dtype)
+        if self._num_threads is not None:
+            builder = builder.with_num_threads(self._num_threads)
+        # tools serve text models; voices and recognizers have none
+        if self._toolbox is not None and isinstance(
+            builder, TextModelBuilder | EmbeddingModelBuilder
+        ):
+            builder = builder.with_toolbox(self._toolbox)
+        return builder
 
     async def _make_room(self, source: ModelSource) -> None:
         """Unload idle models, least recently used first, until `source` fits."""

@@ -24,6 +24,11 @@ from ladle.protocol.openai import ErrorResponse
 F = TypeVar("F", bound=Callable[..., Any])
 SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
 REF = "#/components/schemas/{model}"
+UPLOAD = {  # the file part of a multipart form, beside the body model's fields
+    "type": "object",
+    "properties": {"file": {"type": "string", "format": "binary"}},
+    "required": ["file"],
+}
 ERROR_TEXT = {
     400: "Invalid request: the error's `param` names the field",
     401: "Missing or wrong API key",
@@ -56,6 +61,7 @@ class Operation:
     tag: str
     body: Any = None
     body_required: bool = True
+    body_media_type: str = "application/json"  # multipart/form-data: `body` + a `file` part
     returns: Any = None
     media_type: str | None = None
     streams: bool = False
@@ -126,9 +132,12 @@ def openapi_document(
             if params:
                 entry["parameters"] = params
             if op.body is not None:
+                schema = schemas.of(op.body, "validation")
+                if op.body_media_type == "multipart/form-data":
+                    schema = {"allOf": [schema, UPLOAD]}
                 entry["requestBody"] = {
                     "required": op.body_required,
-                    "content": {"application/json": {"schema": schemas.of(op.body, "validation")}},
+                    "content": {op.body_media_type: {"schema": schema}},
                 }
             paths.setdefault(path, {})[method.lower()] = entry
     document: dict[str, Any] = {

@@ -212,7 +212,17 @@ def _parse_catalog(text: str, origin: str) -> list[CatalogEntry]:
 
 
 def _local_entry(alias: str, path: Path, task: str) -> CatalogEntry:
-    if path.is_file() and path.suffix.lower() == ".gguf":
+    voice = path.with_name(path.name + ".json")  # a Piper voice's config beside its .onnx
+    voices = sorted(path.glob("*.onnx")) if path.is_dir() else []
+    if path.is_file() and path.suffix.lower() == ".onnx" and voice.is_file():
+        fmt, files, task = "onnx", [path, voice], "text-to-speech"
+    elif len(voices) == 1 and voices[0].with_name(voices[0].name + ".json").is_file():
+        fmt, task = "onnx", "text-to-speech"
+        files = [voices[0], voices[0].with_name(voices[0].name + ".json")]
+    elif path.is_dir() and any(path.glob("model.bin*")) and (path / "config.json").is_file():
+        fmt, task = "ctranslate2", "automatic-speech-recognition"  # Whisper, as faster-whisper
+        files = sorted(p for p in path.iterdir() if p.is_file())
+    elif path.is_file() and path.suffix.lower() == ".gguf":
         fmt, files = "gguf", [path]
     elif path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         fmt, files = "safetensors", sorted(p for p in path.rglob("*") if p.is_file())
@@ -222,7 +232,9 @@ def _local_entry(alias: str, path: Path, task: str) -> CatalogEntry:
         raise ModelNotFoundError(str(path), "no such file or folder")
     else:
         raise ModelLoadError(
-            path, "not a .gguf file, a folder with config.json and safetensors, or one .gguf"
+            path,
+            "not a .gguf file, a folder with config.json and safetensors, or one .gguf, a Piper "
+            "voice (.onnx with its .onnx.json) or a CTranslate2 Whisper folder (model.bin)",
         )
     base = path if path.is_dir() else path.parent
     raw = {

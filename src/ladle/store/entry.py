@@ -18,8 +18,8 @@ from ladle.errors import ModelLoadError
 from ladle.store.transfer import SOURCE_SCHEMES, file_uri_path
 
 LOCAL_PROVIDER = "Local"  # provider_type of registered local models: used in place, never copied
-TASKS = ("chat-completion", "embeddings")
-FORMATS = ("gguf", "safetensors")
+TASKS = ("chat-completion", "embeddings", "text-to-speech", "automatic-speech-recognition")
+FORMATS = ("gguf", "safetensors", "onnx", "ctranslate2")
 EXECUTION_PROVIDERS = {"CPU": "CPUExecutionProvider", "GPU": "CUDAExecutionProvider"}
 DEFAULT_CONTEXT_LENGTH = 4096
 DEFAULT_MAX_OUTPUT_TOKENS = 2048
