@@ -7,13 +7,14 @@ from __future__ import annotations
 import io
 import shutil
 import wave
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import soundfile
 
 from ladle.cores.audio_files import PCM_RATE, encode_audio, load_audio, resample, wav_header
-from ladle.cores.speech import SpeechEncoder
+from ladle.cores.speech import SpeechCore, SpeechEncoder
 from ladle.errors import InvalidRequestError
 
 RATE = 22_050
@@ -122,3 +123,19 @@ def test_compressed_formats_are_written_whole_at_the_end() -> None:
     assert encoder.feed(tone(0.5)) == b"" and encoder.feed(tone(0.5)) == b""
     data = encoder.finish()
     assert len(load_audio(data, RATE)) == pytest.approx(RATE, rel=0.1)
+
+
+def test_voices_answer_to_openai_names_or_their_speakers() -> None:
+    """A single-speaker voice takes `default` and OpenAI's names; a multi-speaker one its
+    speakers' names and numbers, `default` its first; anything else names the choices."""
+    single = SpeechCore(SimpleNamespace(speakers={}), "joe")  # type: ignore[arg-type]
+    assert single.speaker_id("default") is None and single.speaker_id("alloy") is None
+    with pytest.raises(InvalidRequestError, match="has one voice") as e:
+        single.speaker_id("bob")
+    assert e.value.param == "voice"
+    many = SpeechCore(SimpleNamespace(speakers={"bob": 3, "alice": 1}), "vctk")  # type: ignore[arg-type]
+    assert [many.speaker_id(v) for v in ("default", "bob", "alice", "3")] == [1, 3, 1, 3]
+    with pytest.raises(InvalidRequestError, match="no speaker 'alloy'; its speakers: alice, bob"):
+        many.speaker_id("alloy")
+    for core in (single, many):
+        core.engine.close()
