@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
@@ -411,7 +412,7 @@ class EmbeddingModelBuilder(_Builder):
         )
 
 
-class _AudioBuilder(_ModelOptions):
+class _AudioBuilder(_ModelOptions, ABC):
     """What the audio builders share. An audio model runs one request's work at a time on
     its own thread (no KV cache, no batching), so it has none of the text builders' engine
     settings."""
@@ -419,8 +420,9 @@ class _AudioBuilder(_ModelOptions):
     def __init__(self, path_or_alias: str | os.PathLike[str]) -> None:
         super().__init__(Path(path_or_alias).expanduser())
 
+    @abstractmethod
     def _start(self, model_id: str | None = None) -> SpeechCore | TranscriptionCore:
-        raise NotImplementedError
+        """Load the model and start its worker, named `model_id` (default: the builder's)."""
 
     def _threads(self) -> None:
         torch.set_num_threads(self.num_threads or available_cores())
