@@ -8,7 +8,8 @@ the voice's defaults), sentence by sentence. Transcription: Whisper tiny.en writ
 speech (about 30 s) through ladle and through faster-whisper (CTranslate2) at fp32 and int8 on
 the same model folder, greedy (beam 1) without timestamps' word alignment. The real-time
 factor is seconds of work per second of audio (lower is faster; best of --repeat runs).
-The CPU is printed; these models run on torch's kernels, not ladle's native ones. onnxruntime
+The CPU and the kernel paths are printed: the voice and Whisper's encoder run on torch's
+kernels, Whisper's per-token decoder projections on ladle's (LADLE_CPU_ISA forces). onnxruntime
 and faster-whisper are optional: a missing one is said and skipped. Asserts nothing.
 """
 
@@ -59,7 +60,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     voice_path, whisper_path = resolve(args.voice), resolve(args.whisper)
     capability = torch.backends.cpu.get_cpu_capability()
-    print(f"cpu: {isa.cpu_name()} | torch {torch.__version__}, its {capability} kernels")
+    print(
+        f"cpu: {isa.cpu_name()} | torch {torch.__version__}, its {capability} kernels | "
+        f"ladle's kernels: {isa.selected_isa()}"
+    )
     print(f"{args.threads} threads, best of {args.repeat}\n")
 
     sentences = load_voice(voice_path).sentences(PARAGRAPH)  # the ids onnxruntime gets too
